@@ -1,0 +1,57 @@
+"""The interface between a pipeline engine and a per-stage optimizer.
+
+A :class:`PipelineOptimizer` is an ordinary ``torch.optim.Optimizer`` whose parameter groups are
+pipeline stages: group ``i`` holds stage ``i``'s parameters and its delay ``group["delay"]``. Besides
+``step()`` it tells the engine which weights a stage uses in its forward and backward passes:
+
+* :meth:`forward_weights` — the tensors the forward pass starting *now* should use (the live weights,
+  or e.g. weights predicted ``D`` steps ahead for Linear Weight Prediction);
+* :meth:`backward_weights` — the tensors the backward pass running *now* should use in place of the
+  weights saved by its forward (``None``: the live weights, as on real PB hardware).
+
+Learning-rate schedulers from ``torch.optim.lr_scheduler`` work unchanged (they edit ``group["lr"]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["PipelineOptimizer", "group_params"]
+
+
+def group_params(group: dict[str, Any]) -> list[Tensor]:
+    return list(group["params"])
+
+
+class PipelineOptimizer(torch.optim.Optimizer):
+    """Base class: a ``torch.optim.Optimizer`` with one parameter group per pipeline stage."""
+
+    #: whether :meth:`forward_weights` can differ from the live weights (e.g. weight prediction)
+    predicts_forward_weights: bool = False
+
+    def forward_uses_live_weights(self, group: dict[str, Any]) -> bool:
+        """True when :meth:`forward_weights` would return the live weights unchanged."""
+        return not self.predicts_forward_weights
+
+    @torch.no_grad()
+    def forward_weights(self, group: dict[str, Any], out: Optional[list[Tensor]] = None) -> list[Tensor]:
+        """Weights for a forward pass of this stage starting now; written into ``out`` when given.
+
+        Without ``out`` the result may alias the live parameters; callers that keep it must copy.
+        """
+        params = group_params(group)
+        if out is None:
+            return params
+        torch._foreach_copy_(out, params)
+        return out
+
+    @torch.no_grad()
+    def backward_weights(self, group: dict[str, Any]) -> Optional[list[Tensor]]:
+        """Weights the backward pass running now uses in place of the saved forward weights (None: live)."""
+        return None
+
+    def stage_delay(self, group: dict[str, Any]) -> int:
+        return int(group.get("delay", 0))

@@ -1,0 +1,217 @@
+"""The exact sequential equivalent of a fine-grained asynchronous PB pipeline.
+
+Under the convention of :mod:`pipeprop.schedule`, micro-batch ``n``'s forward at stage ``s`` sees weight
+version ``max(0, n - D_s)`` and its backward, at every stage, sees version ``n`` (the live weights).
+So one :meth:`PipelineSimulator.step` per micro-batch reproduces the pipeline bit for bit:
+
+1. forward through every stage with that stage's *forward weights* of version ``max(0, n - D_s)``
+   (plain weights for PB, predicted weights for LWP), kept in a ring buffer of ``D_s + 1`` versions;
+2. backward with the weights saved by that forward replaced by the live weights (``weight_mode="pb"``,
+   weight inconsistency as on PB hardware) or kept (``weight_mode="stash"``, PipeDream's weight
+   stashing); weight gradients come from the stashed activations;
+3. every stage updates (its optimizer group knows its delay), and the forward weights of the new
+   version are pushed into the ring buffers.
+
+Every micro-batch's update has been applied when :meth:`step` returns, so a run that ends is drained.
+With all delays 0 this is plain SGD.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .optim.base import PipelineOptimizer, group_params
+from .weight_swap import rebound_saved_weights, swapped_weights
+
+__all__ = ["PipelineSimulator", "DivergenceError", "WEIGHT_MODES"]
+
+WEIGHT_MODES = ("pb", "stash")
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
+        super().__init__(
+            f"loss is {loss} at step {step} (micro-batch {step}): training diverged. Lower the learning rate, "
+            "use a mitigation (e.g. method='pb+sc+lwp'), or check the inputs for NaN/inf."
+        )
+
+
+class _WeightRing:
+    """The forward weights of the last ``delay + 1`` versions of one stage."""
+
+    def __init__(self, params: Sequence[Tensor], delay: int) -> None:
+        self.delay = delay
+        self.slots = [[torch.empty_like(p, memory_format=torch.preserve_format) for p in params] for _ in range(delay + 1)]
+
+    def slot(self, version: int) -> list[Tensor]:
+        return self.slots[version % (self.delay + 1)]
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for slot in self.slots for t in slot)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"tensor of shape {tuple(x.shape)} ({x.dtype})"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(_describe(e) for e in x) + ")"
+    return type(x).__name__
+
+
+class PipelineSimulator:
+    """Trains pipeline stages with asynchronous PB semantics, one micro-batch per :meth:`step`.
+
+    Args:
+        stages: the stages in pipeline order (e.g. a :class:`~pipeprop.partition.Partition`); the output
+            of stage ``s`` is the input of stage ``s + 1``.
+        optimizer: a :class:`~pipeprop.optim.PipelineOptimizer` whose ``param_groups[s]`` holds exactly the
+            parameters of stage ``s`` and its delay ``"delay"``.
+        loss_fn: ``loss_fn(output, target) -> scalar tensor``.
+        weight_mode: ``"pb"`` (backward through live weights) or ``"stash"`` (weight stashing).
+        check_finite: raise :class:`DivergenceError` on a NaN/inf loss.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        optimizer: PipelineOptimizer,
+        loss_fn: LossFn,
+        *,
+        weight_mode: str = "pb",
+        check_finite: bool = True,
+    ) -> None:
+        if weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"unknown weight_mode {weight_mode!r}; choose one of {WEIGHT_MODES}")
+        if not isinstance(optimizer, PipelineOptimizer):
+            raise TypeError("optimizer must be a pipeprop PipelineOptimizer (one parameter group per stage)")
+        self.stages = list(stages)
+        if len(optimizer.param_groups) != len(self.stages):
+            raise ValueError(
+                f"optimizer has {len(optimizer.param_groups)} parameter groups but there are {len(self.stages)} "
+                "stages; build it with pipeprop.stage_param_groups(stages)"
+            )
+        for s, (stage, group) in enumerate(zip(self.stages, optimizer.param_groups)):
+            if {id(p) for p in stage.parameters()} != {id(p) for p in group["params"]}:
+                raise ValueError(f"optimizer parameter group {s} does not hold exactly the parameters of stage {s}")
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.weight_mode = weight_mode
+        self.check_finite = check_finite
+        self.step_count = 0
+        self._rings: list[Optional[_WeightRing]] = []
+        for group in optimizer.param_groups:
+            needs_ring = group_params(group) and (
+                optimizer.stage_delay(group) > 0 or not optimizer.forward_uses_live_weights(group)
+            )
+            self._rings.append(_WeightRing(group_params(group), optimizer.stage_delay(group)) if needs_ring else None)
+        self._push_forward_weights(0)
+
+    # ------------------------------------------------------------------ weight versions
+    def _push_forward_weights(self, version: int) -> None:
+        for ring, group in zip(self._rings, self.optimizer.param_groups):
+            if ring is not None:
+                self.optimizer.forward_weights(group, out=ring.slot(version))
+
+    def forward_weights_of(self, stage: int, microbatch: int) -> list[Tensor]:
+        """The forward weights stage ``stage`` uses for ``microbatch`` (must be the next or a current one)."""
+        group = self.optimizer.param_groups[stage]
+        ring = self._rings[stage]
+        if ring is None:
+            return group_params(group)
+        return ring.slot(max(0, microbatch - ring.delay))
+
+    def weight_version_bytes(self) -> int:
+        """Memory held for stale/predicted weight versions (excluding the live weights)."""
+        return sum(r.num_bytes() for r in self._rings if r is not None)
+
+    # ------------------------------------------------------------------ one micro-batch
+    def forward(self, x: Any) -> Any:
+        out = x
+        for s, stage in enumerate(self.stages):
+            try:
+                out = stage(out)
+            except (RuntimeError, TypeError, ValueError) as err:
+                names = " > ".join(getattr(stage, "names", [type(stage).__name__]))
+                raise type(err)(
+                    f"stage {s} ({names}) failed on input {_describe(out)}: {err}. Check that the model's layers "
+                    "fit together and that the micro-batch has the shape the model expects."
+                ) from err
+        return out
+
+    def step(self, x: Any, y: Any) -> float:
+        """Push micro-batch ``(x, y)`` through the pipeline; returns its loss (from stale forward weights)."""
+        n = self.step_count
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        fwd: dict[tuple[int, int], Tensor] = {}
+        swap_params: list[Tensor] = []
+        swap_tensors: list[Tensor] = []
+        bwd_override: dict[int, list[Tensor]] = {}
+        for s, group in enumerate(opt.param_groups):
+            params = group_params(group)
+            weights = self.forward_weights_of(s, n)
+            override = opt.backward_weights(group)
+            if override is not None:
+                bwd_override[s] = list(override)
+            if weights is params and override is None:
+                continue  # forward and backward both use the live weights: nothing to rebind
+            for i, (p, w) in enumerate(zip(params, weights)):
+                fwd[(s, i)] = w
+                if w is not p:
+                    swap_params.append(p)
+                    swap_tensors.append(w)
+
+        def resolve(s: int, i: int) -> Tensor:
+            if s in bwd_override:
+                return bwd_override[s][i]
+            if self.weight_mode == "stash":
+                return fwd[(s, i)]
+            return group_params(opt.param_groups[s])[i]
+
+        with ExitStack() as stack:
+            if fwd:
+                stack.enter_context(rebound_saved_weights(fwd, resolve))
+                stack.enter_context(swapped_weights(swap_params, swap_tensors))
+            output = self.forward(x)
+            loss = self.loss_fn(output, y)
+        loss_value = float(loss.detach())
+        if self.check_finite and not math.isfinite(loss_value):
+            raise DivergenceError(n, loss_value)
+        loss.backward()
+        opt.step()
+        self.step_count = n + 1
+        self._push_forward_weights(n + 1)
+        return loss_value
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Step count and weight-version ring buffers (the model and optimizer are saved separately)."""
+        return {
+            "step_count": self.step_count,
+            "rings": [None if r is None else [[t.clone() for t in slot] for slot in r.slots] for r in self._rings],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rings = state["rings"]
+        if len(rings) != len(self._rings):
+            raise ValueError("checkpoint was written for a pipeline with a different number of stages")
+        for s, (mine, theirs) in enumerate(zip(self._rings, rings)):
+            if (mine is None) != (theirs is None) or (mine is not None and len(mine.slots) != len(theirs)):
+                raise ValueError(f"checkpoint stage {s} has different delays/method than this pipeline")
+            if mine is not None:
+                for slot, saved in zip(mine.slots, theirs):
+                    for t, v in zip(slot, saved):
+                        if t.shape != v.shape:
+                            raise ValueError(f"checkpoint stage {s}: weight shape {tuple(v.shape)} != {tuple(t.shape)}")
+                        t.copy_(v)
+        self.step_count = int(state["step_count"])
