@@ -6,11 +6,18 @@ Per parameter group (= pipeline stage) with delay ``D = group["delay"]``, gradie
 * heavy-ball SGDM:   ``v ← m v + g``,  ``w ← w − η v``   (equals ``torch.optim.SGD`` with dampening 0)
 * Nesterov:          ``v ← m v + g``,  ``w ← w − η (g + m v)``
 * Spike Compensation (SC, ``spike_compensation=True``):
-  ``w ← w − η (a v + b g)`` with ``a = m^D'``, ``b = (1 − m^D')/(1 − m)``, ``D' = sc_delay or D``.
+  ``w ← w − η (a v + b g)`` with ``a = m^D'``, ``b = (1 − m^D')/(1 − m)``, ``D' = sc_delay or D``;
+  ``sc_coefficients`` replaces ``(a, b)`` by a fixed pair or by ``f(m, D') -> (a, b)``.
 * Linear Weight Prediction (LWP, ``weight_prediction=True``): the forward pass uses
-  ``ŵ = w − η T v`` with horizon ``T = lwp_horizon or D`` (mode ``"linear"``), or the momentum-decayed
-  extrapolation ``ŵ = w − η m(1−m^T)/(1−m) v`` (mode ``"momentum-decay"``). The prediction uses the state
-  at the time of the forward; the backward runs through the live weights.
+  ``ŵ = w − η T u`` with horizon ``T = lwp_horizon or D`` (mode ``"linear"``), or the momentum-decayed
+  extrapolation ``ŵ = w − η m(1−m^T)/(1−m) u`` (mode ``"momentum-decay"``). The direction ``u`` is the
+  velocity ``v`` (``lwp_source="velocity"``, default) or the last applied update direction
+  (``lwp_source="update"``: ``a v + b g`` under SC, ``g + m v`` under Nesterov, ``v`` otherwise). The
+  prediction uses the state at the time of the forward; the backward runs through the live weights.
+
+Subclasses (the baseline mitigations in :mod:`pipeprop.optim.baselines`) hook in through
+:meth:`PipelineSGD._group_lr` (the stage's effective learning rate) and :meth:`PipelineSGD._process_grads`
+(a transform of ``g`` before it enters the momentum buffer).
 
 With ``D = 0`` SC and LWP reduce to plain SGD with momentum (``a = 1, b = 0``; ``ŵ = w``).
 """
@@ -27,6 +34,7 @@ from .base import PipelineOptimizer, group_params
 __all__ = ["PipelineSGD", "spike_coefficients", "lwp_coefficient"]
 
 LWP_MODES = ("linear", "momentum-decay")
+LWP_SOURCES = ("velocity", "update")
 
 
 def spike_coefficients(momentum: float, delay: int) -> tuple[float, float]:
@@ -65,6 +73,10 @@ class PipelineSGD(PipelineOptimizer):
         weight_prediction: predict forward weights with LWP.
         lwp_horizon: prediction horizon ``T`` (default: the group's delay).
         lwp_mode: ``"linear"`` (``T η v``, default) or ``"momentum-decay"``.
+        sc_coefficients: override SC's ``(a, b)``: a pair of floats, or a picklable callable
+            ``f(momentum, delay) -> (a, b)`` (default: :func:`spike_coefficients`).
+        lwp_source: direction LWP extrapolates along: ``"velocity"`` (default) or ``"update"`` (the last
+            applied update direction, e.g. the SC-modified step ``a v + b g``; costs one buffer per weight).
     """
 
     def __init__(
@@ -82,6 +94,8 @@ class PipelineSGD(PipelineOptimizer):
         weight_prediction: bool = False,
         lwp_horizon: Optional[int] = None,
         lwp_mode: str = "linear",
+        sc_coefficients: Any = None,
+        lwp_source: str = "velocity",
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {lr}")
@@ -93,6 +107,9 @@ class PipelineSGD(PipelineOptimizer):
             raise ValueError("Spike Compensation is defined for heavy-ball momentum; use nesterov=False with SC")
         if lwp_mode not in LWP_MODES:
             raise ValueError(f"unknown lwp_mode {lwp_mode!r}; choose one of {LWP_MODES}")
+        if lwp_source not in LWP_SOURCES:
+            raise ValueError(f"unknown lwp_source {lwp_source!r}; choose one of {LWP_SOURCES}")
+        _check_sc_coefficients(sc_coefficients)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -105,6 +122,8 @@ class PipelineSGD(PipelineOptimizer):
             weight_prediction=weight_prediction,
             lwp_horizon=lwp_horizon,
             lwp_mode=lwp_mode,
+            sc_coefficients=sc_coefficients,
+            lwp_source=lwp_source,
         )
         super().__init__(params, defaults)
 
@@ -122,20 +141,48 @@ class PipelineSGD(PipelineOptimizer):
     def _keeps_velocity(self, group: dict[str, Any]) -> bool:
         return group["momentum"] != 0.0 or group["weight_prediction"]
 
+    def _group_lr(self, group: dict[str, Any]) -> float:
+        """The stage's effective learning rate now (hook: e.g. PipeMare's per-stage warm-up factor)."""
+        return group["lr"]
+
+    def _process_grads(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """Transform ``g`` (loss gradient plus coupled L2) before the momentum update (hook; must not modify
+        ``grads`` in place, they may be the parameters' ``.grad``)."""
+        return grads
+
+    def _sc_coefficients(self, group: dict[str, Any]) -> tuple[float, float]:
+        d_sc = group["sc_delay"]
+        delay = self.stage_delay(group) if d_sc is None else int(d_sc)
+        rule = group.get("sc_coefficients")
+        if rule is None:
+            return spike_coefficients(group["momentum"], delay)
+        if callable(rule):
+            a, b = rule(group["momentum"], delay)
+            return float(a), float(b)
+        a, b = rule
+        return float(a), float(b)
+
+    def _lwp_direction(self, group: dict[str, Any], p: Tensor) -> Optional[Tensor]:
+        st = self.state[p]
+        if group.get("lwp_source", "velocity") == "update":
+            return st.get("last_direction", st.get("momentum_buffer"))
+        return st.get("momentum_buffer")
+
     @torch.no_grad()
     def forward_weights(self, group: dict[str, Any], out: Optional[list[Tensor]] = None) -> list[Tensor]:
         params = group_params(group)
         if self.forward_uses_live_weights(group):
             return super().forward_weights(group, out)
         coef = lwp_coefficient(group["momentum"], self._lwp_horizon(group), group["lwp_mode"])
-        velocities = [self.state[p].get("momentum_buffer") for p in params]
+        velocities = [self._lwp_direction(group, p) for p in params]
         if out is None:
             out = [torch.empty_like(p) for p in params]
+        lr = self._group_lr(group)
         for o, p, v in zip(out, params, velocities):
             if v is None:
                 o.copy_(p)
             else:
-                torch.add(p, v, alpha=-group["lr"] * coef, out=o)
+                torch.add(p, v, alpha=-lr * coef, out=o)
         return out
 
     @torch.no_grad()
@@ -149,9 +196,10 @@ class PipelineSGD(PipelineOptimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            lr, m, wd = self._group_lr(group), group["momentum"], group["weight_decay"]
             if wd != 0.0 and not group["decoupled_weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=wd)
+            grads = self._process_grads(group, params, grads)
             if self._keeps_velocity(group):
                 bufs = []
                 for p, g in zip(params, grads):
@@ -165,8 +213,7 @@ class PipelineSGD(PipelineOptimizer):
                 if group["nesterov"]:
                     direction = torch._foreach_add(grads, bufs, alpha=m)
                 elif group["spike_compensation"] and m != 0.0:
-                    d_sc = group["sc_delay"]
-                    a, b = spike_coefficients(m, self.stage_delay(group) if d_sc is None else int(d_sc))
+                    a, b = self._sc_coefficients(group)
                     direction = torch._foreach_mul(bufs, a)
                     if b != 0.0:
                         torch._foreach_add_(direction, grads, alpha=b)
@@ -176,7 +223,26 @@ class PipelineSGD(PipelineOptimizer):
                     direction = grads
             else:
                 direction = grads
+            if group.get("weight_prediction") and group.get("lwp_source", "velocity") == "update":
+                for p, d in zip(params, direction):
+                    st = self.state[p]
+                    if "last_direction" in st:
+                        st["last_direction"].copy_(d)
+                    else:
+                        st["last_direction"] = d.detach().clone()
             if wd != 0.0 and group["decoupled_weight_decay"]:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
             torch._foreach_add_(params, direction, alpha=-lr)
         return loss
+
+
+def _check_sc_coefficients(rule: Any) -> None:
+    if rule is None or callable(rule):
+        return
+    try:
+        a, b = rule
+        float(a), float(b)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"sc_coefficients must be None, a pair (a, b) of numbers or a callable f(momentum, delay) -> (a, b); got {rule!r}"
+        ) from None
