@@ -1,0 +1,65 @@
+"""Small models for budget runs: an MLP builder and a three-layer CNN."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from ..nn.norm import check_norm, make_linear, make_norm
+from .blocks import conv_unit
+
+__all__ = ["mlp", "cnn_small"]
+
+
+def mlp(
+    *,
+    in_features: int = 64,
+    hidden: int = 128,
+    depth: int = 3,
+    num_classes: int = 10,
+    norm: str = "none",
+    gn_groups: int = 8,
+    online: Optional[dict] = None,
+) -> nn.Sequential:
+    """``depth`` linear layers (``depth - 1`` hidden layers of ``hidden`` units with norm and ReLU).
+
+    Inputs are flattened, so images ``[N, C, H, W]`` with ``C*H*W == in_features`` work directly.
+    """
+    norm = check_norm(norm)
+    if depth < 1:
+        raise ValueError(f"mlp depth (number of linear layers) must be >= 1, got {depth}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    fin = in_features
+    for _ in range(depth - 1):
+        layers.append(make_linear(norm, fin, hidden))
+        n = make_norm(norm, hidden, dims=1, gn_groups=gn_groups, **(online or {}))
+        if n is not None:
+            layers.append(n)
+        layers.append(nn.ReLU())
+        fin = hidden
+    layers.append(nn.Linear(fin, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn_small(
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: int = 16,
+    norm: str = "gn",
+    gn_groups: int = 4,
+    online: Optional[dict] = None,
+) -> nn.Sequential:
+    """Three 3x3 convs (width, 2w, 4w; the last two with stride 2), global pooling, a linear classifier.
+
+    Four stages at "layer" granularity; fast on CPU at 8x8 (digits) and 32x32 (CIFAR) inputs.
+    """
+    norm = check_norm(norm)
+    kw = dict(gn_groups=gn_groups, online=online)
+    layers: list[nn.Module] = []
+    layers += conv_unit(norm, in_channels, width, 3, 1, **kw)
+    layers += conv_unit(norm, width, 2 * width, 3, 2, **kw)
+    layers += conv_unit(norm, 2 * width, 4 * width, 3, 2, **kw)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes)]
+    return nn.Sequential(*layers)
