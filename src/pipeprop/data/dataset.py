@@ -35,7 +35,10 @@ class Split:
 
 @dataclass
 class ImageDataset:
-    """A named data set with train/test splits and per-channel normalization constants (in [0, 1] units)."""
+    """A named data set with train/test splits and per-channel normalization constants (in [0, 1] units).
+
+    ``classes`` holds the class names when known, ``source`` where the data were read from.
+    """
 
     name: str
     train: Split
@@ -43,6 +46,8 @@ class ImageDataset:
     num_classes: int
     mean: Sequence[float]
     std: Sequence[float]
+    classes: Sequence[str] = ()
+    source: str = ""
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
