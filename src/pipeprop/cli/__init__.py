@@ -14,6 +14,7 @@ import click
 COMMANDS: dict[str, str] = {
     "demo": "pipeprop.cli.demo:demo",
     "methods": "pipeprop.cli.methods_cmd:methods",
+    "partition": "pipeprop.cli.partition_cmd:partition_cmd",
 }
 
 
