@@ -95,8 +95,8 @@ class PipeMare(PipelineSGD):
         """Updates this stage has applied so far (``k``)."""
         for p in group_params(group):
             st = self.state.get(p)
-            if st and "step" in st:
-                return int(st["step"])
+            if st and "stage_step" in st:
+                return int(st["stage_step"])
         return 0
 
     def _group_lr(self, group: dict[str, Any]) -> float:
@@ -147,7 +147,7 @@ class PipeMare(PipelineSGD):
             gamma = self._decay(group)
             for i, p in enumerate(params):
                 st = self.state[p]
-                st["step"] = int(st.get("step", 0)) + 1
+                st["stage_step"] = int(st.get("stage_step", 0)) + 1
                 if not group["discrepancy_correction"]:
                     continue
                 change = torch.sub(p, old[i])
