@@ -14,6 +14,11 @@ import click
 COMMANDS: dict[str, str] = {
     "demo": "pipeprop.cli.demo:demo",
     "methods": "pipeprop.cli.methods_cmd:methods",
+    "compare": "pipeprop.cli.compare:compare",
+    "report": "pipeprop.cli.report:report",
+    "reproduce": "pipeprop.cli.reproduce:reproduce",
+    "scale": "pipeprop.cli.scale:scale",
+    "train": "pipeprop.cli.train:train",
     "partition": "pipeprop.cli.partition_cmd:partition_cmd",
 }
 
