@@ -1,5 +1,5 @@
 """SpecTrain (Chen, Yang & Cheng, "Efficient and Robust Parallel DNN Training through Model Parallelism on
-Multi-GPU Platform", arXiv 1811.02084, 2018): weight prediction along the smoothed update for BOTH passes.
+Multi-GPU Platform", arXiv 1809.02839, 2018): weight prediction along the smoothed update for BOTH passes.
 
 A stage predicts the weights ``s`` updates ahead along its momentum velocity ``v`` (the smoothed gradient):
 ``ŵ = w − η c(s) v`` with ``c(s) = s`` (``lwp_mode="linear"``, SpecTrain's rule) or the momentum-decayed
