@@ -1,0 +1,78 @@
+"""Click options shared by ``pipeprop train`` and ``pipeprop compare`` (config file < --set < explicit options)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import click
+
+from ..scaling import RULES
+from .config import ExperimentConfig, load_config, parse_override
+
+__all__ = ["config_options", "resolve_config", "friendly_errors"]
+
+# (option, config key, click type, help)
+_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--model", "model", str, "model name (pipeprop.models) or 'module:function'"),
+    ("--norm", "norm", str, "normalization: gn, online, ws+gn, bn, none (default: the model's)"),
+    ("--dataset", "dataset", str, "digits (embedded), cifar10, mnist, fashion-mnist, ..."),
+    ("--data-dir", "data_dir", click.Path(file_okay=False), "folder with the data set files"),
+    ("--train-subset", "train_subset", int, "use the first N training examples"),
+    ("--test-subset", "test_subset", int, "evaluate on the first N test examples"),
+    ("--augment/--no-augment", "augment", None, "random crop + flip"),
+    ("--method", "method", str, "training method (see `pipeprop methods`)"),
+    ("--micro-batch", "micro_batch", int, "micro-batch size b (1 = the paper's setting)"),
+    ("--batch-size", "batch_size", int, "batch size B of the reference recipe"),
+    ("--lr", "lr", float, "reference learning rate (at --batch-size)"),
+    ("--momentum", "momentum", float, "reference momentum (at --batch-size)"),
+    ("--weight-decay", "weight_decay", float, "L2 weight decay (kept by both scaling rules)"),
+    ("--rule", "rule", click.Choice(list(RULES) + ["effective_lr", "linear_lr"]), "scaling rule from B to b"),
+    ("--schedule", "schedule", click.Choice(["step", "cosine", "constant"]), "learning-rate schedule"),
+    ("--milestones", "milestones", str, "step-schedule milestones in epochs, comma separated"),
+    ("--warmup-epochs", "warmup_epochs", float, "linear warm-up length in epochs"),
+    ("--epochs", "epochs", float, "training length in epochs"),
+    ("--samples", "samples", int, "training length in samples (overrides --epochs)"),
+    ("--partition", "partition", str, "stages: layer, block or a number"),
+    ("--device", "device", str, "cpu or cuda"),
+    ("--eval-every", "eval_every", int, "evaluate every N samples"),
+    ("--checkpoint-every", "checkpoint_every", int, "checkpoint every N samples (default: at each evaluation)"),
+]
+
+
+def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--config``, ``--set`` and one option per common config key."""
+    for opt, key, typ, text in reversed(_OPTIONS):
+        if typ is None:
+            fn = click.option(opt, key, default=None, help=text)(fn)
+        else:
+            fn = click.option(opt, key, type=typ, default=None, help=text)(fn)
+    fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                      help="set any config key, e.g. --set method_options='{\"lwp_mode\": \"momentum-decay\"}'")(fn)
+    fn = click.option("--config", "config_name", default=None, metavar="NAME|FILE",
+                      help="a named config (configs/NAME.toml, see `pipeprop reproduce --list`) or a TOML file")(fn)
+    return fn
+
+
+def resolve_config(config_name: Optional[str], sets: tuple[str, ...], **explicit: Any) -> ExperimentConfig:
+    """The config file, then ``--set`` overrides, then the explicitly given options."""
+    overrides = [parse_override(s) for s in sets]
+    keys = {key for _, key, _, _ in _OPTIONS}
+    overrides += [(k, v) for k, v in explicit.items() if k in keys and v is not None]
+    return load_config(config_name, overrides)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected errors (bad config, missing data, broken checkpoint) into ``Error: ...`` messages."""
+    import functools
+
+    from .checkpoint import CheckpointError
+    from .runner import RunDirError
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, CheckpointError, RunDirError, TypeError) as err:
+            raise click.ClickException(str(err)) from err
+
+    return wrapper

@@ -1,0 +1,114 @@
+"""Rough cost estimates of configs for ``reproduce --list`` (no data is loaded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ExperimentConfig, method_entry
+
+__all__ = ["DATASET_SHAPES", "CostEstimate", "count_macs", "estimate_cost", "format_seconds"]
+
+#: (image shape, classes, training examples) of the data sets the configs use
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int, int]] = {
+    "digits": ((1, 8, 8), 10, 1348),
+    "mnist": ((1, 28, 28), 10, 60_000),
+    "fashion-mnist": ((1, 28, 28), 10, 60_000),
+    "cifar10": ((3, 32, 32), 10, 50_000),
+    "cifar100": ((3, 32, 32), 100, 50_000),
+    "imagenet": ((3, 224, 224), 1000, 1_281_167),
+}
+
+# Throughput assumptions (documented in docs/experiments.md): sustained FLOP/s at batch size one, and a
+# fixed per-stage cost of the simulator per step (kernel launches, weight swaps, ring-buffer copies).
+_FLOPS = {"cpu": 1.5e10, "cuda": 4e12}
+_STAGE_OVERHEAD_S = {"cpu": 1.5e-4, "cuda": 2.5e-4}
+
+
+@dataclass
+class CostEstimate:
+    """Runs, samples and an estimated time of one config's sweep (``methods x seeds``)."""
+
+    runs: int
+    samples: int
+    macs_per_sample: Optional[int]
+    stages: Optional[int]
+    seconds: Optional[float]
+
+
+def count_macs(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of one forward pass of one sample through conv and linear layers."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += output.numel() * k
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(torch.zeros(1, *image_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _samples(config: ExperimentConfig, train_size: int) -> int:
+    size = min(train_size, config.train_subset) if config.train_subset else train_size
+    return config.total_samples(size)
+
+
+def estimate_cost(config: ExperimentConfig, *, with_model: bool = True) -> CostEstimate:
+    """Training samples of the whole sweep and a rough wall-clock time on ``config.device``.
+
+    Each step costs ``3 x forward FLOPs / throughput`` plus a per-stage simulator overhead; evaluation
+    is ignored. A measured ``est_sample_seconds`` in the config replaces the model.
+    """
+    shape, classes, train_size = DATASET_SHAPES.get(config.dataset.lower(), (None, 10, 0))
+    entries = [method_entry(config, m)[1] for m in config.methods]
+    runs = len(entries) * len(config.seeds)
+    samples = sum(_samples(c, train_size) for c in entries) * len(config.seeds) if train_size else 0
+    macs = stages = None
+    seconds = None
+    if config.est_sample_seconds is not None:
+        seconds = samples * config.est_sample_seconds
+    elif with_model and shape is not None:
+        try:
+            from ..partition import partition
+            from .builders import _zoo_model
+
+            model = _zoo_model(config.model, {"norm": config.norm, "num_classes": classes, "image_shape": shape}, dict(config.model_options))
+            macs = count_macs(model, shape)
+            stages = len(partition(model, config.partition))
+        except Exception:  # noqa: BLE001 - an estimate must never break a listing
+            macs = stages = None
+        if macs is not None and train_size:
+            dev = "cuda" if config.device.startswith("cuda") else "cpu"
+            seconds = 0.0
+            for c in entries:
+                steps = _samples(c, train_size) / c.micro_batch
+                step_s = 6.0 * macs * c.micro_batch / _FLOPS[dev] + (stages or 1) * _STAGE_OVERHEAD_S[dev]
+                seconds += steps * step_s * len(config.seeds)
+    return CostEstimate(runs, samples, macs, stages, seconds)
+
+
+def format_seconds(seconds: Optional[float]) -> str:
+    """``"3.2 h"``, ``"12 min"``, ``"40 s"`` or ``"?"``."""
+    if seconds is None:
+        return "?"
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"

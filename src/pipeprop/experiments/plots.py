@@ -1,0 +1,84 @@
+"""PNG plots of runs: loss and accuracy against samples (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["plot_run", "plot_comparison"]
+
+Record = Mapping[str, float]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(metrics: Sequence[Record], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(m["samples"], m[key]) for m in metrics if m.get(key) is not None]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    x, y = zip(*pts)
+    return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+
+
+def plot_run(metrics: Sequence[Record], path: Path, title: str = "") -> Path:
+    """Two panels: train/test loss and train/test accuracy against samples seen."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, ax, style in (
+        ("train_loss", ax_loss, "-"), ("test_loss", ax_loss, "--"), ("train_acc", ax_acc, "-"), ("test_acc", ax_acc, "--")
+    ):
+        x, y = _series(metrics, key)
+        if len(x):
+            ax.plot(x, y, style, marker=".", label=key.replace("_", " "))
+    ax_loss.set_ylabel("loss")
+    ax_acc.set_ylabel("accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("samples")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(runs: Mapping[str, Sequence[Sequence[Record]]], path: Path, title: str = "") -> Path:
+    """Test accuracy and train loss against samples, mean over seeds (shaded: min..max) per label."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, seeds in runs.items():
+        for ax, key in zip(axes, ("test_acc", "train_loss")):
+            curves = [_series(m, key) for m in seeds]
+            curves = [c for c in curves if len(c[0])]
+            if not curves:
+                continue
+            n = min(len(c[0]) for c in curves)
+            x = curves[0][0][:n]
+            ys = np.stack([c[1][:n] for c in curves])
+            (line,) = ax.plot(x, ys.mean(0), label=f"{label} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+    axes[0].set_ylabel("test accuracy")
+    axes[1].set_ylabel("train loss (running mean)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("samples")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,142 @@
+"""Tables (mean ± std over seeds) and plots from stored run directories."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .checkpoint import atomic_write_text
+from .config import DEFAULT_METHODS
+
+__all__ = ["RunRecord", "load_run", "collect_runs", "aggregate", "format_table", "write_report"]
+
+
+@dataclass
+class RunRecord:
+    """One finished (or stopped) run read back from its directory."""
+
+    path: Path
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        s = self.summary
+        return f"{s.get('method')} (b={s.get('micro_batch')})"
+
+
+def load_run(run_dir: Path | str) -> RunRecord:
+    """Read ``summary.json`` and ``metrics.jsonl`` of a run directory."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no summary.json: it is not a (finished) pipeprop run")
+    summary = json.loads(summary_path.read_text())
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = []
+    if metrics_path.is_file():
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return RunRecord(run_dir, summary, metrics)
+
+
+def collect_runs(root: Path | str) -> list[RunRecord]:
+    """Every run under ``root`` (``root`` itself may be a run directory)."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist")
+    paths = sorted({p.parent for p in root.rglob("summary.json")})
+    return [load_run(p) for p in paths]
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    order = list(DEFAULT_METHODS) + ["pb+stash"]
+    return (order.index(method) if method in order else len(order), method)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """One row per (experiment, method, micro-batch): mean/std over seeds of the non-diverged runs."""
+    groups: dict[tuple[str, str, int], list[RunRecord]] = {}
+    for r in runs:
+        s = r.summary
+        groups.setdefault((s.get("name", ""), s.get("method", "?"), int(s.get("micro_batch", 0))), []).append(r)
+    rows = []
+    for (name, method, b), members in sorted(groups.items(), key=lambda kv: (kv[0][0], _method_rank(kv[0][1]), kv[0][2])):
+        ok = [r.summary for r in members if r.summary.get("status") == "completed"]
+        row: dict[str, Any] = {
+            "experiment": name,
+            "method": method,
+            "micro_batch": b,
+            "runs": len(members),
+            "completed": len(ok),
+            "diverged": sum(r.summary.get("status") == "diverged" for r in members),
+            "seeds": sorted(r.summary.get("seed") for r in members),
+        }
+        for key in ("final_test_acc", "best_test_acc", "final_train_loss", "samples_per_second"):
+            vals = [s[key] for s in ok if s.get(key) is not None]
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(vals)
+        rows.append(row)
+    return rows
+
+
+def _pm(mean: Optional[float], std: Optional[float], scale: float = 1.0, digits: int = 2) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table: test accuracy (%) final and best, final train loss, divergences."""
+    header = "| experiment | method | b | runs | final test acc (%) | best test acc (%) | final train loss | diverged |"
+    lines = [header, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['experiment']} | {r['method']} | {r['micro_batch']} | {r['runs']} | "
+            f"{_pm(r['final_test_acc_mean'], r['final_test_acc_std'], 100)} | "
+            f"{_pm(r['best_test_acc_mean'], r['best_test_acc_std'], 100)} | "
+            f"{_pm(r['final_train_loss_mean'], r['final_train_loss_std'], 1, 3)} | "
+            f"{r['diverged']}/{r['runs']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(root: Path | str, runs: Optional[Sequence[RunRecord]] = None, *, out: Optional[Path | str] = None,
+                 title: str = "") -> dict[str, Path]:
+    """Write ``results.md``, ``results.csv``, ``results.json`` and ``comparison.png`` for the runs under ``root``."""
+    from .plots import plot_comparison
+
+    root = Path(root)
+    out = Path(out) if out is not None else root
+    out.mkdir(parents=True, exist_ok=True)
+    runs = list(runs) if runs is not None else collect_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no runs (summary.json files) under {root}")
+    rows = aggregate(runs)
+    table = format_table(rows)
+    paths = {"table": out / "results.md", "csv": out / "results.csv", "json": out / "results.json", "plot": out / "comparison.png"}
+    atomic_write_text(paths["table"], (f"# {title}\n\n" if title else "") + table)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (";".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()})
+    atomic_write_text(paths["csv"], buf.getvalue())
+    atomic_write_text(paths["json"], json.dumps({"rows": rows, "runs": [{"path": str(r.path), **r.summary} for r in runs]}, indent=2) + "\n")
+    curves: dict[str, list[list[dict[str, Any]]]] = {}
+    multi = len({r.summary.get("name") for r in runs}) > 1
+    for r in sorted(runs, key=lambda r: _method_rank(r.summary.get("method", ""))):
+        label = (f"{r.summary.get('name')}: " if multi else "") + r.label
+        curves.setdefault(label, []).append(r.metrics)
+    plot_comparison(curves, paths["plot"], title=title or str(root.name))
+    return paths
