@@ -1,0 +1,50 @@
+"""The real asynchronous Pipelined Backpropagation engine on ``torch.distributed`` (c10d).
+
+Each process (rank) owns a contiguous range of pipeline stages and runs the schedule of
+:mod:`pipeprop.schedule` with no flush; activations travel downstream and errors upstream by async
+point-to-point messages (gloo on CPU, NCCL on GPU). With the same model, partition, seed and method a
+run equals :class:`pipeprop.PipelineSimulator` (bit for bit in float64 on CPU).
+
+Launch::
+
+    torchrun --nproc_per_node=2 -m pipeprop.distributed --model mlp --method pb+sc+lwp --samples 2000 --out runs/d
+    pipeprop train --engine distributed --nproc 2 ...          # spawns torchrun itself
+    pipeprop.distributed.launch(2, ["--model", "mlp", ...])    # the same from Python
+
+or in your own ``torchrun`` script: ``init_process_group``, :meth:`PipelineComm.from_env`,
+:func:`build_pipeline`, then :meth:`DistributedPipeline.run`.
+"""
+
+from .assignment import assign_stages, balance_stages, stage_costs
+from .build import build_pipeline, check_method
+from .comm import PeerLostError, PeerTimeoutError, PipelineComm, PipelineCommError
+from .engine import DistributedPipeline, RunStats
+
+__all__ = [
+    "DistributedPipeline",
+    "RunStats",
+    "PipelineComm",
+    "PipelineCommError",
+    "PeerTimeoutError",
+    "PeerLostError",
+    "build_pipeline",
+    "check_method",
+    "assign_stages",
+    "balance_stages",
+    "stage_costs",
+    "launch",
+    "DistributedRunError",
+    "DistributedConfig",
+]
+
+
+def __getattr__(name: str):
+    if name in ("launch", "DistributedRunError"):
+        from . import launcher
+
+        return getattr(launcher, name)
+    if name == "DistributedConfig":
+        from .config import DistributedConfig
+
+        return DistributedConfig
+    raise AttributeError(name)

@@ -1,0 +1,82 @@
+"""Build this rank's :class:`DistributedPipeline` from a whole model, like :func:`pipeprop.build_simulator`."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..api import stage_param_groups
+from ..methods import get_method
+from ..partition import Granularity, Partition, partition as make_partition
+from .assignment import AssignmentSpec, assign_stages
+from .comm import PipelineComm
+from .engine import DistributedPipeline
+
+__all__ = ["build_pipeline", "check_method"]
+
+BACKENDS = ("gloo", "nccl")
+
+
+def check_method(method: str, delay_offset: int = 0) -> None:
+    """Reject methods the asynchronous engine cannot run (clear message, before any process waits)."""
+    spec = get_method(method)
+    if not spec.pipelined:
+        raise ValueError(
+            f"method {spec.name!r} is synchronous (no pipeline delays); the distributed engine runs asynchronous "
+            "PB methods: train it with the simulator (pipeprop train --engine simulator) instead"
+        )
+    if delay_offset:
+        raise ValueError(
+            "the distributed engine realizes the delays 2(S-1-s) of its schedule; delay_offset must be 0 "
+            "(other conventions are simulator-only)"
+        )
+
+
+def build_pipeline(
+    model: nn.Module | Partition,
+    loss_fn: Callable[[Any, Any], Tensor],
+    *,
+    comm: PipelineComm,
+    method: str = "pb+sc+lwp",
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    partition: Granularity = "layer",
+    assignment: AssignmentSpec = "flops",
+    sample_input: Any = None,
+    device: torch.device | str | None = None,
+    queue_capacity: int = 2,
+    lr_lambda: Optional[Callable[[int], float]] = None,
+    **options: Any,
+) -> DistributedPipeline:
+    """Partition ``model`` (built identically on every rank), keep this rank's stages and build its engine.
+
+    ``assignment`` maps stages to ranks (see :func:`~pipeprop.distributed.assignment.assign_stages`);
+    ``"flops"`` needs ``sample_input`` (one micro-batch). Extra ``options`` go to the method's optimizer.
+    Only this rank's stages are moved to ``device``.
+    """
+    spec = get_method(method)
+    check_method(method, getattr(model, "delay_offset", 0) if isinstance(model, Partition) else 0)
+    part = model if isinstance(model, Partition) else make_partition(model, partition)
+    ranges = assign_stages(part.stages, comm.world_size, assignment, sample_input)
+    mine = ranges[comm.rank]
+    stages = [part.stages[s] for s in mine]
+    if device is not None:
+        for st in stages:
+            st.to(device)
+    groups = stage_param_groups(stages, [part.stages[s].delay for s in mine])
+    optimizer = spec.optimizer(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **{**spec.options, **options})
+    return DistributedPipeline(
+        stages,
+        mine.start,
+        len(part),
+        optimizer,
+        loss_fn,
+        comm=comm,
+        weight_mode=spec.weight_mode,
+        device=device,
+        queue_capacity=queue_capacity,
+        lr_lambda=lr_lambda,
+    )

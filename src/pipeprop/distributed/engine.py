@@ -1,0 +1,620 @@
+"""One rank's part of a real asynchronous Pipelined Backpropagation pipeline.
+
+The rank owns the contiguous stages ``first..last`` of an ``S``-stage pipeline and runs the schedule of
+:mod:`pipeprop.schedule` step by step: in step ``t`` every local stage ``s`` runs the forward of micro-batch
+``t - s`` (with the weights it holds *now*, or the optimizer's predicted ``forward_weights``), then the
+backward of micro-batch ``t - 2(S-1) + s`` (through the weights it holds *then*: live weights, the stashed
+forward weights for weight stashing, or the optimizer's ``backward_weights``), then the rank updates its
+stages at once. There is no flush: only the first fill and the final drain. Since each stage runs exactly
+the forward/backward/update sequence of the schedule, the run equals :class:`pipeprop.PipelineSimulator`.
+
+Activations go to the next rank and errors to the previous one through :mod:`.comm` (async isend/irecv,
+bounded queues, timeouts). Each in-flight micro-batch keeps its autograd graph; saved tensors that alias
+weights are rebound at backward time (:func:`pipeprop.weight_swap.rebound_saved_weights`), which also
+keeps autograd's version check quiet although the weights were updated in place in between.
+
+Checkpoints are taken between steps: in-flight micro-batches are saved as their stage input plus the
+forward weights, buffers and RNG state they saw, and their graphs are recomputed on resume (bit-identical
+on the same machine), so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..optim.base import PipelineOptimizer, group_params
+from ..schedule import stage_delay
+from ..simulator import WEIGHT_MODES, DivergenceError
+from ..weight_swap import rebound_saved_weights, swapped_weights
+from .comm import Inbox, Outbox, Payload, PipelineComm
+
+__all__ = ["DistributedPipeline", "RunStats"]
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+@dataclass
+class RunStats:
+    """What one rank did in :meth:`DistributedPipeline.run` (times in seconds)."""
+
+    rank: int
+    stages: tuple[int, int]
+    steps: int
+    microbatches: int
+    wall: float
+    compute: float
+    wait: float
+    losses: list[float] = field(default_factory=list)
+    completed: bool = True
+
+    @property
+    def busy_fraction(self) -> float:
+        """Compute time over wall time of the stepping loop."""
+        return self.compute / self.wall if self.wall > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "stages": list(self.stages),
+            "steps": self.steps,
+            "microbatches": self.microbatches,
+            "wall": self.wall,
+            "compute": self.compute,
+            "wait": self.wait,
+            "busy_fraction": self.busy_fraction,
+            "completed": self.completed,
+        }
+
+
+@dataclass
+class _Record:
+    """An in-flight micro-batch at one stage: its input, output graph and what its forward saw."""
+
+    inputs: Payload
+    weights: Optional[list[Tensor]] = None  # forward weights when they are not the live parameters
+    output: Payload = None
+    loss: Optional[Tensor] = None
+    rng: Optional[Tensor] = None
+    buffers: Optional[list[Tensor]] = None
+
+
+class _Slot:
+    """A local stage with its optimizer group and in-flight micro-batches."""
+
+    def __init__(self, index: int, module: nn.Module, group: dict[str, Any], num_stages: int) -> None:
+        self.index = index
+        self.module = module
+        self.group = group
+        self.params = group_params(group)
+        self.distance = stage_delay(index, num_stages)  # steps between a forward and its backward
+        self.inflight: dict[int, _Record] = {}
+        self.override: Optional[list[Tensor]] = None
+
+
+def _leaves(payload: Payload) -> list[Optional[Tensor]]:
+    if payload is None:
+        return []
+    if isinstance(payload, Tensor):
+        return [payload]
+    return list(payload)
+
+
+def _rebuild(payload: Payload, leaves: list[Optional[Tensor]]) -> Payload:
+    if payload is None:
+        return None
+    if isinstance(payload, Tensor):
+        return leaves[0]
+    return tuple(leaves)
+
+
+def _as_input(payload: Payload, device: torch.device) -> Payload:
+    """A detached copy on ``device`` whose floating tensors require grad (a stage's input leaves)."""
+    out = []
+    for t in _leaves(payload):
+        if t is None:
+            out.append(None)
+            continue
+        t = t.detach().to(device)
+        if t.is_floating_point() or t.is_complex():
+            t.requires_grad_(True)
+        out.append(t)
+    return _rebuild(payload, out)
+
+
+def _detached(payload: Payload) -> Payload:
+    return _rebuild(payload, [None if t is None else t.detach() for t in _leaves(payload)])
+
+
+def _to(payload: Any, device: torch.device) -> Any:
+    if isinstance(payload, Tensor):
+        return payload.to(device)
+    if isinstance(payload, (tuple, list)):
+        return type(payload)(_to(p, device) for p in payload)
+    return payload
+
+
+class DistributedPipeline:
+    """This rank's stages of an asynchronous PB pipeline (see the module docstring).
+
+    Args:
+        stages: this rank's stages, in order (global indices ``first_stage, first_stage + 1, ...``).
+        first_stage: global index of ``stages[0]``.
+        num_stages: ``S``, the number of stages of the whole pipeline.
+        optimizer: a :class:`~pipeprop.optim.PipelineOptimizer` with one group per local stage whose
+            ``"delay"`` is the stage's schedule delay ``2(S-1-s)``.
+        loss_fn: ``loss_fn(output, target)``; used by the rank holding the last stage.
+        comm: the rank's :class:`~pipeprop.distributed.comm.PipelineComm`. Ranks hold consecutive stage
+            ranges in rank order (rank ``r-1`` feeds rank ``r``).
+        weight_mode: ``"pb"`` (backward through live weights) or ``"stash"`` (weight stashing).
+        device: where this rank computes (default: the stages' device).
+        queue_capacity: messages that may be in flight per outgoing channel before the sender waits.
+        keep_forward_state: keep every in-flight forward's weights, buffers and RNG state (needed to take
+            checkpoints; set automatically when :meth:`run` takes checkpoints).
+        check_finite: raise :class:`~pipeprop.DivergenceError` on a NaN/inf loss.
+        lr_lambda: learning-rate factor of the update of micro-batch ``n`` (like
+            ``torch.optim.lr_scheduler.LambdaLR`` stepped once per micro-batch): each stage sets
+            ``lr = base_lr * lr_lambda(n)`` right before that update (and ``lr_lambda(0)`` at the start).
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        first_stage: int,
+        num_stages: int,
+        optimizer: PipelineOptimizer,
+        loss_fn: LossFn,
+        *,
+        comm: PipelineComm,
+        weight_mode: str = "pb",
+        device: torch.device | str | None = None,
+        queue_capacity: int = 2,
+        keep_forward_state: bool = False,
+        check_finite: bool = True,
+        lr_lambda: Optional[Callable[[int], float]] = None,
+    ) -> None:
+        if weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"unknown weight_mode {weight_mode!r}; choose one of {WEIGHT_MODES}")
+        if not isinstance(optimizer, PipelineOptimizer):
+            raise TypeError("optimizer must be a pipeprop PipelineOptimizer (one parameter group per local stage)")
+        stages = list(stages)
+        if not stages:
+            raise ValueError(f"rank {comm.rank} holds no stage: use at most as many ranks as stages")
+        if len(optimizer.param_groups) != len(stages):
+            raise ValueError(
+                f"optimizer has {len(optimizer.param_groups)} groups for {len(stages)} local stages; build it with "
+                "pipeprop.stage_param_groups(local_stages)"
+            )
+        self.first = int(first_stage)
+        self.last = self.first + len(stages) - 1
+        self.num_stages = int(num_stages)
+        if not 0 <= self.first <= self.last < self.num_stages:
+            raise ValueError(f"local stages {self.first}..{self.last} outside 0..{self.num_stages - 1}")
+        if self.first > 0 and comm.rank == 0:
+            raise ValueError("rank 0 must hold stage 0 (ranks hold consecutive stage ranges in rank order)")
+        if self.last < self.num_stages - 1 and comm.rank == comm.world_size - 1:
+            raise ValueError("the last rank must hold the last stage (ranks hold consecutive stage ranges in rank order)")
+        self.slots = []
+        for k, (stage, group) in enumerate(zip(stages, optimizer.param_groups)):
+            s = self.first + k
+            if {id(p) for p in stage.parameters()} != {id(p) for p in group["params"]}:
+                raise ValueError(f"optimizer group {k} does not hold exactly the parameters of stage {s}")
+            want = stage_delay(s, self.num_stages)
+            if optimizer.stage_delay(group) != want:
+                raise ValueError(
+                    f"stage {s} has delay {optimizer.stage_delay(group)} but the asynchronous pipeline realizes "
+                    f"2(S-1-s) = {want}; the distributed engine runs pipelined methods without delay_offset "
+                    "(use the simulator for other delays)"
+                )
+            self.slots.append(_Slot(s, stage, group, self.num_stages))
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.comm = comm
+        self.weight_mode = weight_mode
+        if device is None:
+            p = next((p for st in stages for p in st.parameters()), None)
+            device = p.device if p is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        self.queue_capacity = queue_capacity
+        self.keep_forward_state = keep_forward_state
+        self.check_finite = check_finite
+        self.lr_lambda = lr_lambda
+        self._base_lrs = [g["lr"] for g in optimizer.param_groups]
+        if lr_lambda is not None:
+            for g, base in zip(optimizer.param_groups, self._base_lrs):
+                g["lr"] = base * lr_lambda(0)
+        # progress (all part of a checkpoint)
+        self.step = 0
+        self.num_microbatches: Optional[int] = None
+        self.losses: list[float] = []
+        self.consumed = 0  # micro-batches read from the data iterator
+        self._acts: dict[tuple[int, int], Payload] = {}  # (stage, n) -> input of a local stage
+        self._errs: dict[tuple[int, int], Payload] = {}  # (stage, n) -> error of a local stage's output
+        self._pre_act: dict[int, Payload] = {}  # messages received ahead (at a checkpoint)
+        self._pre_err: dict[int, Payload] = {}
+        self._targets: dict[int, Any] = {}
+        self._compute = 0.0
+
+    # ------------------------------------------------------------------ topology
+    @property
+    def has_left(self) -> bool:
+        return self.first > 0
+
+    @property
+    def has_right(self) -> bool:
+        return self.last < self.num_stages - 1
+
+    @property
+    def reads_inputs(self) -> bool:
+        return self.first == 0
+
+    @property
+    def reads_targets(self) -> bool:
+        return self.last == self.num_stages - 1
+
+    def total_steps(self, num_microbatches: int) -> int:
+        return num_microbatches + 2 * (self.num_stages - 1) if num_microbatches > 0 else 0
+
+    def _fwd_mb(self, t: int, s: int) -> int:
+        return t - s
+
+    def _bwd_mb(self, t: int, s: int) -> int:
+        return t - 2 * (self.num_stages - 1) + s
+
+    # ------------------------------------------------------------------ data
+    def _next_batch(self, it: Iterator[Any], n: int) -> tuple[Any, Any]:
+        if self.consumed != n:
+            raise RuntimeError(f"rank {self.comm.rank}: data out of order (wanted micro-batch {n}, read {self.consumed})")
+        try:
+            x, y = next(it)
+        except StopIteration:
+            raise ValueError(
+                f"the data ran out after {n} micro-batches but {self.num_microbatches} were asked for; give more "
+                "data (epochs) or fewer samples"
+            ) from None
+        self.consumed += 1
+        return x, y
+
+    def _input(self, it: Iterator[Any], n: int) -> Payload:
+        x, y = self._next_batch(it, n)
+        if self.reads_targets:
+            self._targets[n] = _to(y, self.device)
+        return _to(x, self.device)
+
+    def _target(self, it: Iterator[Any], n: int) -> Any:
+        if n in self._targets:
+            return self._targets.pop(n)
+        _, y = self._next_batch(it, n)
+        return _to(y, self.device)
+
+    # ------------------------------------------------------------------ forward / backward of one stage
+    def _resolver(self, slot: _Slot, rec: _Record) -> Callable[[int, int], Tensor]:
+        def resolve(_group: int, i: int) -> Tensor:
+            if slot.override is not None:
+                return slot.override[i]
+            if self.weight_mode == "stash" and rec.weights is not None:
+                return rec.weights[i]
+            return slot.params[i]
+
+        return resolve
+
+    def _run_forward(self, slot: _Slot, rec: _Record) -> Payload:
+        weights = rec.weights if rec.weights is not None else slot.params
+        with ExitStack() as stack:
+            if slot.params:
+                fwd = {(0, i): w for i, w in enumerate(weights)}
+                stack.enter_context(rebound_saved_weights(fwd, self._resolver(slot, rec)))
+            if rec.weights is not None:
+                stack.enter_context(swapped_weights(slot.params, rec.weights))
+            try:
+                return slot.module(rec.inputs)
+            except (RuntimeError, TypeError, ValueError) as err:
+                names = " > ".join(getattr(slot.module, "names", [type(slot.module).__name__]))
+                raise type(err)(f"stage {slot.index} ({names}) failed in its forward pass: {err}") from err
+
+    def _forward(self, slot: _Slot, n: int, inputs: Payload) -> _Record:
+        opt, group = self.optimizer, slot.group
+        weights: Optional[list[Tensor]] = None
+        if slot.params:
+            if not opt.forward_uses_live_weights(group):
+                weights = opt.forward_weights(group, out=[torch.empty_like(p) for p in slot.params])
+            elif slot.distance > 0 and (self.weight_mode == "stash" or self.keep_forward_state):
+                weights = [p.detach().clone() for p in slot.params]
+        rec = _Record(inputs=inputs, weights=weights)
+        if self.keep_forward_state and slot.distance > 0:
+            rec.rng = torch.get_rng_state()
+            rec.buffers = [b.detach().clone() for b in slot.module.buffers()]
+        rec.output = self._run_forward(slot, rec)
+        slot.inflight[n] = rec
+        return rec
+
+    def _backward(self, slot: _Slot, n: int, error: Payload) -> Payload:
+        rec = slot.inflight.pop(n)
+        for p in slot.params:
+            p.grad = None
+        override = self.optimizer.backward_weights(slot.group) if slot.params else None
+        slot.override = list(override) if override is not None else None
+        try:
+            if rec.loss is not None:
+                rec.loss.backward()
+            else:
+                outs, grads = [], []
+                for o, g in zip(_leaves(rec.output), _leaves(error)):
+                    if o is not None and g is not None and o.requires_grad:
+                        outs.append(o)
+                        grads.append(g.to(o.device, o.dtype))
+                if outs:
+                    torch.autograd.backward(outs, grads)
+        finally:
+            slot.override = None
+        if slot.index == 0:
+            return None
+        return _rebuild(rec.inputs, [None if t is None else t.grad for t in _leaves(rec.inputs)])
+
+    # ------------------------------------------------------------------ one pipeline step
+    def _step(self, t: int, it: Iterator[Any], inbox_act: Optional[Inbox], inbox_err: Optional[Inbox],
+              out_act: Optional[Outbox], out_err: Optional[Outbox]) -> None:
+        S, M = self.num_stages, self.num_microbatches
+        assert M is not None
+        # forwards, last local stage first: inputs from local stages are ready, the neighbour's comes last
+        for slot in reversed(self.slots):
+            s, n = slot.index, self._fwd_mb(t, slot.index)
+            if not 0 <= n < M:
+                continue
+            if s == 0:
+                inputs = self._input(it, n)
+            elif s == self.first:
+                raw = self._pre_act.pop(n) if n in self._pre_act else inbox_act.get(f"of micro-batch {n} (step {t})")
+                inputs = _as_input(raw, self.device)
+            else:
+                inputs = self._acts.pop((s, n))
+            t0 = time.perf_counter()
+            rec = self._forward(slot, n, inputs)
+            if s == S - 1:
+                target = self._target(it, n)
+                rec.loss = self.loss_fn(rec.output, target)
+                value = float(rec.loss.detach())
+                if self.check_finite and not math.isfinite(value):
+                    raise DivergenceError(n, value)
+                self.losses.append(value)
+            elif s == self.last:
+                assert out_act is not None
+                self._compute += time.perf_counter() - t0
+                out_act.put(_detached(rec.output), f"of micro-batch {n} (step {t})")
+                continue
+            else:
+                self._acts[(s + 1, n)] = _as_input(rec.output, self.device)
+            self._compute += time.perf_counter() - t0
+        # backwards, first local stage first: the neighbour's error is needed last
+        for slot in self.slots:
+            s, n = slot.index, self._bwd_mb(t, slot.index)
+            if not 0 <= n < M:
+                continue
+            if s == S - 1:
+                error = None
+            elif s == self.last:
+                error = self._pre_err.pop(n) if n in self._pre_err else inbox_err.get(f"of micro-batch {n} (step {t})")
+            else:
+                error = self._errs.pop((s, n))
+            t0 = time.perf_counter()
+            if self.lr_lambda is not None:
+                slot.group["lr"] = self._base_lrs[slot.index - self.first] * self.lr_lambda(n)
+            grad_in = self._backward(slot, n, error)
+            if s == 0:
+                pass
+            elif s == self.first:
+                assert out_err is not None
+                self._compute += time.perf_counter() - t0
+                out_err.put(grad_in, f"of micro-batch {n} (step {t})")
+                continue
+            else:
+                self._errs[(s - 1, n)] = grad_in
+            self._compute += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.optimizer.step()
+        for slot in self.slots:
+            for p in slot.params:
+                p.grad = None
+        self._compute += time.perf_counter() - t0
+
+    def _receives(self, start: int, stop: int) -> tuple[int, int]:
+        """Messages (activations, errors) this rank takes from its neighbours in steps ``start..stop-1``."""
+        M = self.num_microbatches or 0
+        acts = sum(1 for t in range(start, stop) if self.has_left and 0 <= self._fwd_mb(t, self.first) < M)
+        errs = sum(1 for t in range(start, stop) if self.has_right and 0 <= self._bwd_mb(t, self.last) < M)
+        return acts - len(self._pre_act), errs - len(self._pre_err)
+
+    def _prefetch(self, inbox_act: Optional[Inbox], inbox_err: Optional[Inbox]) -> None:
+        """At a step boundary: take the messages the neighbours already sent for the next step."""
+        t, M = self.step, self.num_microbatches or 0
+        n = self._fwd_mb(t, self.first)
+        if self.has_left and 0 <= n < M and n not in self._pre_act:
+            self._pre_act[n] = inbox_act.get(f"of micro-batch {n} (step {t}, at a checkpoint)")
+        n = self._bwd_mb(t, self.last)
+        if self.has_right and 0 <= n < M and n not in self._pre_err:
+            self._pre_err[n] = inbox_err.get(f"of micro-batch {n} (step {t}, at a checkpoint)")
+
+    # ------------------------------------------------------------------ the run
+    def run(
+        self,
+        batches: Optional[Iterable[tuple[Any, Any]]],
+        num_microbatches: Optional[int] = None,
+        *,
+        stop_after_step: Optional[int] = None,
+        checkpoint_every: Optional[int] = None,
+        checkpoint_fn: Optional[Callable[[dict[str, Any]], None]] = None,
+        on_step: Optional[Callable[[int], None]] = None,
+        progress: bool = False,
+    ) -> RunStats:
+        """Push ``num_microbatches`` micro-batches through the pipeline (or continue a resumed run).
+
+        Args:
+            batches: ``(x, y)`` pairs in micro-batch order from where this rank stands (``consumed``); the
+                first rank uses ``x``, the last rank ``y``; other ranks may pass ``None``.
+            num_microbatches: ``M``; fixed by the first call (a resumed run keeps its own).
+            stop_after_step: stop after this pipeline step (an interruption); a checkpoint is taken there.
+            checkpoint_every: call ``checkpoint_fn(self.state_dict())`` every this many steps.
+            on_step: called with the step index after every step (metrics, schedules, fault injection).
+            progress: show a progress bar (on this rank).
+        """
+        if self.num_microbatches is None:
+            if num_microbatches is None or num_microbatches < 0:
+                raise ValueError("give num_microbatches (>= 0) for the first run")
+            self.num_microbatches = int(num_microbatches)
+        elif num_microbatches is not None and int(num_microbatches) != self.num_microbatches:
+            raise ValueError(f"this pipeline runs {self.num_microbatches} micro-batches (from its checkpoint), not {num_microbatches}")
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if checkpoint_every is not None or stop_after_step is not None:
+            self.keep_forward_state = True
+        if (self.reads_inputs or self.reads_targets) and batches is None and self.num_microbatches > 0:
+            raise ValueError(f"rank {self.comm.rank} holds the first or last stage and needs the data: pass batches")
+        total = self.total_steps(self.num_microbatches)
+        start = self.step
+        stop = total if stop_after_step is None else max(start, min(total, stop_after_step + 1))
+        final_ckpt = stop < total
+        n_act, n_err = self._receives(start, stop + (1 if final_ckpt else 0))
+        comm, r = self.comm, self.comm.rank
+        inbox_act = Inbox(comm, r - 1, comm.act_group, expected=n_act, what="activations") if self.has_left else None
+        inbox_err = Inbox(comm, r + 1, comm.err_group, expected=n_err, what="errors") if self.has_right else None
+        out_act = Outbox(comm, r + 1, comm.act_group, capacity=self.queue_capacity, what="activations") if self.has_right else None
+        out_err = Outbox(comm, r - 1, comm.err_group, capacity=self.queue_capacity, what="errors") if self.has_left else None
+        it = iter(batches) if batches is not None else iter(())
+        bar = _progress_bar(stop - start, progress, f"rank {r}")
+        self._compute = 0.0
+        t_start = time.perf_counter()
+        for t in range(start, stop):
+            self._step(t, it, inbox_act, inbox_err, out_act, out_err)
+            self.step = t + 1
+            if on_step is not None:
+                on_step(t)
+            boundary = self.step
+            if boundary < total and (
+                (checkpoint_every is not None and boundary % checkpoint_every == 0) or (final_ckpt and boundary == stop)
+            ):
+                self._prefetch(inbox_act, inbox_err)
+                for box in (out_act, out_err):
+                    if box is not None:
+                        box.flush()
+                if checkpoint_fn is not None:
+                    checkpoint_fn(self.state_dict())
+            if bar is not None:
+                bar.update(1)
+                if self.losses:
+                    bar.set_postfix(loss=f"{self.losses[-1]:.4f}", refresh=False)
+        for box in (out_act, out_err):
+            if box is not None:
+                box.flush()
+        wall = time.perf_counter() - t_start
+        if bar is not None:
+            bar.close()
+        waits = sum(b.wait_seconds for b in (inbox_act, inbox_err, out_act, out_err) if b is not None)
+        return RunStats(
+            rank=r,
+            stages=(self.first, self.last),
+            steps=stop - start,
+            microbatches=self.num_microbatches,
+            wall=wall,
+            compute=self._compute,
+            wait=waits,
+            losses=list(self.losses),
+            completed=self.step >= total,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this rank needs to continue exactly (call between steps, e.g. from ``checkpoint_fn``)."""
+        inflight = []
+        for slot in self.slots:
+            recs = {}
+            for n, rec in slot.inflight.items():
+                if slot.distance > 0 and rec.buffers is None:
+                    raise RuntimeError("checkpoints need keep_forward_state=True from the start of the run")
+                recs[n] = {
+                    "inputs": _detached(rec.inputs),
+                    "weights": None if rec.weights is None else [w.detach().clone() for w in rec.weights],
+                    "rng": rec.rng,
+                    "buffers": rec.buffers,
+                }
+            inflight.append(recs)
+        return {
+            "format": 1,
+            "stages": (self.first, self.last, self.num_stages),
+            "weight_mode": self.weight_mode,
+            "step": self.step,
+            "num_microbatches": self.num_microbatches,
+            "losses": list(self.losses),
+            "consumed": self.consumed,
+            "modules": [slot.module.state_dict() for slot in self.slots],
+            "optimizer": self.optimizer.state_dict(),
+            "inflight": inflight,
+            "acts": {k: _detached(v) for k, v in self._acts.items()},
+            "errs": {k: _detached(v) for k, v in self._errs.items()},
+            "pre_act": dict(self._pre_act),
+            "pre_err": dict(self._pre_err),
+            "targets": dict(self._targets),
+            "base_lrs": list(self._base_lrs),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (same stages, method and world size) and rebuild in-flight graphs."""
+        if state.get("format") != 1:
+            raise ValueError("not a pipeprop distributed checkpoint (unknown format)")
+        mine = (self.first, self.last, self.num_stages)
+        if tuple(state["stages"]) != mine:
+            raise ValueError(
+                f"checkpoint holds stages {state['stages'][0]}..{state['stages'][1]} of {state['stages'][2]}, this rank "
+                f"{mine[0]}..{mine[1]} of {mine[2]}: resume with the same model, partition and number of processes"
+            )
+        if state["weight_mode"] != self.weight_mode:
+            raise ValueError(f"checkpoint was written with weight_mode {state['weight_mode']!r}, not {self.weight_mode!r}")
+        self.keep_forward_state = True
+        for slot, recs in zip(self.slots, state["inflight"]):
+            slot.inflight.clear()
+            live = [b.detach().clone() for b in slot.module.buffers()]
+            for n in sorted(recs):
+                saved = recs[n]
+                inputs = saved["inputs"] if slot.index == 0 else _as_input(saved["inputs"], self.device)
+                rec = _Record(inputs=_to(inputs, self.device), weights=saved["weights"], rng=saved["rng"], buffers=saved["buffers"])
+                if rec.weights is None and slot.params and slot.distance > 0 and self.weight_mode == "stash":
+                    raise ValueError("checkpoint lacks the stashed weights of an in-flight micro-batch")
+                with torch.no_grad():
+                    for b, v in zip(slot.module.buffers(), rec.buffers or []):
+                        b.copy_(v)
+                with torch.random.fork_rng(devices=[]):
+                    if rec.rng is not None:
+                        torch.set_rng_state(rec.rng)
+                    rec.output = self._run_forward(slot, rec)
+                slot.inflight[n] = rec
+            with torch.no_grad():
+                for b, v in zip(slot.module.buffers(), live):
+                    b.copy_(v)
+        for slot, sd in zip(self.slots, state["modules"]):
+            slot.module.load_state_dict(sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._base_lrs = list(state.get("base_lrs", self._base_lrs))
+        self.step = int(state["step"])
+        self.num_microbatches = state["num_microbatches"]
+        self.losses = list(state["losses"])
+        self.consumed = int(state["consumed"])
+        self._acts = {k: _as_input(v, self.device) for k, v in state["acts"].items()}
+        self._errs = {k: _to(v, self.device) for k, v in state["errs"].items()}
+        self._pre_act = dict(state["pre_act"])
+        self._pre_err = dict(state["pre_err"])
+        self._targets = {k: _to(v, self.device) for k, v in state["targets"].items()}
+
+
+def _progress_bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the cli extra
+        return None
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
