@@ -142,8 +142,9 @@ def extract_archive(archive: Path, cache: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, PermissionError):
             raise
+        detail = " ".join(str(err).split())
         raise CorruptDatasetError(
-            f"{archive} is not a readable .tar.gz archive ({type(err).__name__}: {err}). Delete or replace it "
+            f"{archive} is not a readable .tar.gz archive ({type(err).__name__}: {detail}). Delete or replace it "
             "(with download enabled, pipeprop then downloads the official archive into its cache)."
         ) from err
     try:
