@@ -29,6 +29,7 @@ BRIDGE_METHODS: dict[str, tuple[str, dict]] = {
     "pb+lwp": ("pb+lwp", {}),
     "pb+sc+lwp": ("pb+sc+lwp", {}),
     "pb+nesterov": ("pb", {"nesterov": True}),
+    "pb+shrink": ("pb+shrink", {}),
 }
 
 
@@ -69,13 +70,13 @@ class LinearPipelineProblem:
         return lam, coords
 
 
-def make_problem(num_stages: int = 4, in_features: int = 6, out_features: int = 3, samples: int = 32, seed: int = 0) -> LinearPipelineProblem:
+def make_problem(num_stages: int = 4, in_features: int = 4, out_features: int = 2, samples: int = 64, seed: int = 0) -> LinearPipelineProblem:
     """A random well-posed instance (fixed maps scaled to keep ``PᵀP`` of order one)."""
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((samples, in_features))
-    fixed = [np.eye(out_features) + 0.5 * rng.standard_normal((out_features, out_features)) / np.sqrt(out_features)
+    fixed = [np.eye(out_features) + 0.3 * rng.standard_normal((out_features, out_features)) / np.sqrt(out_features)
              for _ in range(num_stages - 1)]
     w_star = rng.standard_normal((out_features, in_features))
     w_init = w_star + rng.standard_normal((out_features, in_features))

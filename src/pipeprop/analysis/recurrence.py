@@ -49,8 +49,10 @@ class QuadraticMethod:
         spike_compensation: SC update ``w ← w − η(a v + b g)``.
         weight_prediction: LWP forward weights ``ŵ = w − η c v``.
         nesterov: Nesterov update ``w ← w − η(g + m v)``.
-        grad_scale: ``None``, ``"shrink"`` (gradient shrinking, ``g ← ρ^D g``) or ``"pipemare"`` (PipeMare's
-            learning-rate rule frozen at warm-up progress ``p``: ``η ← η / max(D, 1)^p``).
+        grad_scale: ``None``, ``"shrink"`` (gradient shrinking ``g ← φ(D) g``, ``φ = β^D`` or ``1/(1+D)`` as in
+            :mod:`pipeprop.optim.baselines.shrink`) or ``"pipemare"`` (PipeMare's learning-rate rule frozen at
+            warm-up exponent ``p``: ``η ← η / max(D, 1)^p``; ``p = 1`` at the start of warm-up, 0 after it,
+            where PipeMare is plain PB on a quadratic — its discrepancy correction only changes backward weights).
         delayed: ``False`` ignores ``D`` (synchronous SGD).
         summary: one line for listings.
     """
@@ -73,18 +75,18 @@ QUADRATIC_METHODS: dict[str, QuadraticMethod] = {
         QuadraticMethod("pb+lwp", weight_prediction=True, summary="Linear Weight Prediction"),
         QuadraticMethod("pb+sc+lwp", spike_compensation=True, weight_prediction=True, summary="SC + LWP"),
         QuadraticMethod("pb+nesterov", nesterov=True, summary="delayed Nesterov momentum"),
-        QuadraticMethod("pb+gs", grad_scale="shrink", summary="gradient shrinking g <- rho^D g"),
-        QuadraticMethod("pb+pipemare-lr", grad_scale="pipemare", summary="PipeMare lr rule eta/D^p (frozen p)"),
+        QuadraticMethod("pb+shrink", grad_scale="shrink", summary="gradient shrinking g <- beta^D g (or g/(1+D))"),
+        QuadraticMethod("pipemare", grad_scale="pipemare", summary="PipeMare lr rule eta/max(D,1)^p at frozen p"),
     )
 }
 
 _ALIASES = {"none": "pb", "sc": "pb+sc", "lwp": "pb+lwp", "sc+lwp": "pb+sc+lwp", "nesterov": "pb+nesterov",
-            "gs": "pb+gs", "pipemare": "pb+pipemare-lr", "pipemare-lr": "pb+pipemare-lr", "pb+stash": "pb",
+            "gs": "pb+shrink", "shrink": "pb+shrink", "gradient-shrinking": "pb+shrink", "pb+stash": "pb",
             "stash": "pb", "pb+spectrain": "pb+lwp", "spectrain": "pb+lwp"}
 
 
 def get_quadratic_method(name: str | QuadraticMethod) -> QuadraticMethod:
-    """Look a method up by name (aliases: ``none``, ``sc``, ``lwp``, ``sc+lwp``, ``nesterov``, ``gs``, ``pipemare``).
+    """Look a method up by name (aliases: ``none``, ``sc``, ``lwp``, ``sc+lwp``, ``nesterov``, ``shrink``).
 
     Weight stashing and SpecTrain map to ``pb`` and ``pb+lwp``: on a quadratic the backward weights do not
     change the weight gradient, so only staleness is modelled.
@@ -117,13 +119,15 @@ def coefficients(
     sc_delay: Optional[int] = None,
     lwp_horizon: Optional[int] = None,
     lwp_mode: str = "linear",
-    shrink: float = 0.9,
+    shrink_rule: str = "power",
+    shrink_beta: float = 0.98,
     pipemare_power: float = 1.0,
 ) -> Coefficients:
     """The recurrence coefficients of ``method`` at momentum ``m`` (scalar or array) and delay ``D``.
 
     Options mirror :class:`pipeprop.optim.PipelineSGD` (``sc_delay``, ``lwp_horizon``, ``lwp_mode``), plus
-    ``shrink`` (ρ of gradient shrinking) and ``pipemare_power`` (p of the PipeMare rule; 1 = start of warm-up).
+    ``shrink_rule``/``shrink_beta`` (as :class:`pipeprop.optim.baselines.GradientShrinkSGD`) and
+    ``pipemare_power`` (``p`` of the PipeMare rule; 1 = start of warm-up, 0 = after it).
     """
     spec = get_quadratic_method(method)
     delay = int(delay)
@@ -154,9 +158,14 @@ def coefficients(
             raise ValueError(f"unknown lwp_mode {lwp_mode!r}; choose 'linear' or 'momentum-decay'")
     scale = 1.0
     if spec.grad_scale == "shrink":
-        if not 0.0 < shrink <= 1.0:
-            raise ValueError(f"shrink must lie in (0, 1], got {shrink}")
-        scale = shrink**delay
+        if shrink_rule == "power":
+            if not 0.0 < shrink_beta <= 1.0:
+                raise ValueError(f"shrink_beta must lie in (0, 1], got {shrink_beta}")
+            scale = shrink_beta**delay
+        elif shrink_rule == "inverse":
+            scale = 1.0 / (1.0 + delay)
+        else:
+            raise ValueError(f"unknown shrink_rule {shrink_rule!r}; choose 'power' or 'inverse'")
     elif spec.grad_scale == "pipemare":
         scale = 1.0 / max(delay, 1) ** pipemare_power
     return Coefficients(delay, alpha, beta, c, scale)

@@ -21,7 +21,7 @@ __all__ = ["stability_boundary", "rate_grid", "rate_map_momentum", "optimal_rate
 
 def _boundary_one(m: float, delay: int, alpha: float, beta: float, c: float) -> float:
     p1, p0 = c + alpha + beta, c + beta * m
-    n = 512 + 64 * (delay + 2)
+    n = 256 + 16 * (delay + 2)
     theta = np.linspace(0.0, np.pi, n + 1)[1:]
 
     def h_of(th: np.ndarray) -> np.ndarray:
@@ -35,9 +35,17 @@ def _boundary_one(m: float, delay: int, alpha: float, beta: float, c: float) -> 
     cands.extend(h_of(theta[exact]).real)
     k = np.flatnonzero(im[:-2] * im[1:-1] < 0.0)
     if k.size:
+        # refine only the crossings that can hold the smallest positive h (Re h barely changes in a cell)
+        re_a, re_b = h_of(theta[k]).real, h_of(theta[k + 1]).real
+        lo_re, hi_re = np.minimum(re_a, re_b), np.maximum(re_a, re_b)
+        keep = hi_re > 0.0
+        if keep.any():
+            keep &= lo_re <= hi_re[keep].min()
+        k = k[keep]
+    if k.size:
         lo, hi = theta[k].copy(), theta[k + 1].copy()
         s_lo = np.sign(im[k])
-        for _ in range(60):
+        for _ in range(48):
             mid = 0.5 * (lo + hi)
             s_mid = np.sign(h_of(mid).imag)
             left = s_mid == s_lo
