@@ -12,6 +12,7 @@ import importlib
 import click
 
 COMMANDS: dict[str, str] = {
+    "analyze": "pipeprop.cli.analyze:analyze",
     "demo": "pipeprop.cli.demo:demo",
     "methods": "pipeprop.cli.methods_cmd:methods",
     "compare": "pipeprop.cli.compare:compare",
