@@ -197,6 +197,22 @@ def test_spike_compensation_user_coefficients():
         PipelineSGD([p], lr=0.1, sc_coefficients="big")
 
 
+def test_spike_compensation_with_another_delay_by_hand():
+    p = _param([1.0])  # true delay 4, coefficients for D_SC = 2 with m = 0.5: a = 0.25, b = 1.5
+    opt = PipelineSGD([{"params": [p], "delay": 4}], lr=0.1, momentum=0.5, spike_compensation=True, sc_delay=2)
+    _step(opt, [p], [[1.0]])
+    _close(p, [1.0 - 0.1 * (0.25 + 1.5)])
+
+
+def test_stash_composes_with_sc_and_baselines():
+    torch.manual_seed(0)
+    data = [(torch.randn(1, 6, dtype=DT), torch.randint(0, 4, (1,))) for _ in range(6)]
+    for method, extra in (("pb+stash", {"spike_compensation": True}), ("pb+stash", {"nesterov": True})):
+        sim = pipeprop.build_simulator(_mlp(), F.cross_entropy, method=method, lr=0.05, momentum=0.9, **extra)
+        assert sim.weight_mode == "stash"
+        assert all(math.isfinite(sim.step(x, y)) for x, y in data)
+
+
 def test_lwp_along_the_sc_update_by_hand():
     p = _param([1.0])
     opt = PipelineSGD([{"params": [p], "delay": 2}], lr=0.1, momentum=0.5, spike_compensation=True,
