@@ -18,7 +18,7 @@ def _listing(scale: Optional[str], estimate: bool) -> None:
     names = list_configs()
     if not names:
         raise click.ClickException(f"no named configs in {configs_dir()} (set PIPEPROP_CONFIGS)")
-    rows = [("name", "scale", "model", "data", "device", "methods x seeds", "samples", "est. time", "description")]
+    rows = [("name", "scale", "model", "data", "device", "methods x seeds", "samples", "est. time", "longest run", "description")]
     for name in names:
         cfg = load_config(name)
         if scale and cfg.scale != scale:
@@ -26,7 +26,7 @@ def _listing(scale: Optional[str], estimate: bool) -> None:
         cost = estimate_cost(cfg, with_model=estimate)
         rows.append((name, cfg.scale, f"{cfg.model}/{cfg.norm or 'default'}", cfg.dataset + (f"[:{cfg.train_subset}]" if cfg.train_subset else ""),
                      cfg.device, f"{len(cfg.methods)} x {len(cfg.seeds)}", f"{cost.samples:.2e}" if cost.samples else "?",
-                     format_seconds(cost.seconds), cfg.description))
+                     format_seconds(cost.seconds), format_seconds(cost.longest_run_seconds), cfg.description))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         click.echo("  ".join(f"{c:<{w}}" for c, w in zip(r, widths)) + "  " + r[-1])

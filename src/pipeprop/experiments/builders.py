@@ -19,18 +19,14 @@ ModelFactory = Callable[..., nn.Module]
 
 def build_dataset(config: ExperimentConfig) -> ImageDataset:
     """The config's data set, cut to ``train_subset``/``test_subset`` examples."""
-    name = config.dataset.lower()
-    if name == "digits" and config.data_dir is None:
+    try:
+        from ..data import load_dataset
+    except ImportError:  # pragma: no cover - older installs without the data registry
+        if config.dataset.lower() != "digits":
+            raise ValueError(f"data set {config.dataset!r} needs pipeprop.data.load_dataset; use dataset='digits'")
         data = load_digits()
     else:
-        try:
-            from ..data import load_dataset  # type: ignore[attr-defined]
-        except ImportError as err:
-            raise ValueError(
-                f"data set {config.dataset!r} needs pipeprop.data.load_dataset, which this install lacks; "
-                "use dataset='digits'"
-            ) from err
-        data = load_dataset(config.dataset, data_dir=config.data_dir)
+        data = load_dataset(config.dataset, data_dir=config.data_dir, **config.data_options)
     if config.train_subset is not None:
         data.train = data.train.subset(config.train_subset)
     if config.test_subset is not None:

@@ -53,6 +53,7 @@ class ExperimentConfig:
     # data
     dataset: str = "digits"
     data_dir: Optional[str] = None
+    data_options: dict[str, Any] = field(default_factory=dict)  # extra load_dataset keywords
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     augment: bool = False
@@ -212,7 +213,7 @@ def apply_overrides(config: ExperimentConfig, overrides: Mapping[str, Any] | Ite
 def _flatten(table: Mapping[str, Any], source: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in table.items():
-        if isinstance(value, Mapping) and key not in ("model_options", "method_options"):
+        if isinstance(value, Mapping) and key not in ("model_options", "method_options", "data_options"):
             for k, v in _flatten(value, source).items():
                 if k in flat:
                     raise ValueError(f"{source}: key {k!r} is set twice")

@@ -19,13 +19,15 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int, int]] = {
     "fashion-mnist": ((1, 28, 28), 10, 60_000),
     "cifar10": ((3, 32, 32), 10, 50_000),
     "cifar100": ((3, 32, 32), 100, 50_000),
-    "imagenet": ((3, 224, 224), 1000, 1_281_167),
+    "imagenet": ((3, 64, 64), 1000, 1_281_167),  # image_size from data_options (loader default 64)
 }
+_DATASET_ALIASES = {"imagenet-folder": "imagenet", "cifar-10": "cifar10", "cifar-100": "cifar100", "fashion": "fashion-mnist",
+                    "mnist-10k": "mnist"}
 
 # Throughput assumptions (documented in docs/experiments.md): sustained FLOP/s at batch size one, and a
 # fixed per-stage cost of the simulator per step (kernel launches, weight swaps, ring-buffer copies).
-_FLOPS = {"cpu": 1.5e10, "cuda": 4e12}
-_STAGE_OVERHEAD_S = {"cpu": 1.5e-4, "cuda": 2.5e-4}
+_FLOPS = {"cpu": 1e10, "cuda": 4e12}
+_STAGE_OVERHEAD_S = {"cpu": 1.2e-3, "cuda": 3e-4}
 
 
 @dataclass
@@ -37,6 +39,7 @@ class CostEstimate:
     macs_per_sample: Optional[int]
     stages: Optional[int]
     seconds: Optional[float]
+    longest_run_seconds: Optional[float] = None
 
 
 def count_macs(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
@@ -73,14 +76,21 @@ def estimate_cost(config: ExperimentConfig, *, with_model: bool = True) -> CostE
     Each step costs ``3 x forward FLOPs / throughput`` plus a per-stage simulator overhead; evaluation
     is ignored. A measured ``est_sample_seconds`` in the config replaces the model.
     """
-    shape, classes, train_size = DATASET_SHAPES.get(config.dataset.lower(), (None, 10, 0))
+    key = config.dataset.lower()
+    shape, classes, train_size = DATASET_SHAPES.get(_DATASET_ALIASES.get(key, key), (None, 10, 0))
+    if shape is not None and "image_size" in config.data_options:
+        size = int(config.data_options["image_size"])
+        shape = (shape[0], size, size)
+    if "max_per_class" in config.data_options:
+        train_size = min(train_size, classes * int(config.data_options["max_per_class"]))
     entries = [method_entry(config, m)[1] for m in config.methods]
     runs = len(entries) * len(config.seeds)
     samples = sum(_samples(c, train_size) for c in entries) * len(config.seeds) if train_size else 0
     macs = stages = None
-    seconds = None
+    seconds = longest = None
     if config.est_sample_seconds is not None:
         seconds = samples * config.est_sample_seconds
+        longest = max(_samples(c, train_size) for c in entries) * config.est_sample_seconds
     elif with_model and shape is not None:
         try:
             from ..partition import partition
@@ -93,12 +103,13 @@ def estimate_cost(config: ExperimentConfig, *, with_model: bool = True) -> CostE
             macs = stages = None
         if macs is not None and train_size:
             dev = "cuda" if config.device.startswith("cuda") else "cpu"
-            seconds = 0.0
+            per_run = []
             for c in entries:
                 steps = _samples(c, train_size) / c.micro_batch
                 step_s = 6.0 * macs * c.micro_batch / _FLOPS[dev] + (stages or 1) * _STAGE_OVERHEAD_S[dev]
-                seconds += steps * step_s * len(config.seeds)
-    return CostEstimate(runs, samples, macs, stages, seconds)
+                per_run.append(steps * step_s)
+            seconds, longest = sum(per_run) * len(config.seeds), max(per_run)
+    return CostEstimate(runs, samples, macs, stages, seconds, longest)
 
 
 def format_seconds(seconds: Optional[float]) -> str:
