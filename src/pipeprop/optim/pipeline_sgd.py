@@ -174,15 +174,13 @@ class PipelineSGD(PipelineOptimizer):
         if self.forward_uses_live_weights(group):
             return super().forward_weights(group, out)
         coef = lwp_coefficient(group["momentum"], self._lwp_horizon(group), group["lwp_mode"])
-        velocities = [self._lwp_direction(group, p) for p in params]
+        velocities = [self.state[p].get("momentum_buffer") for p in params]
         if out is None:
             out = [torch.empty_like(p) for p in params]
-        lr = self._group_lr(group)
-        for o, p, v in zip(out, params, velocities):
-            if v is None:
-                o.copy_(p)
-            else:
-                torch.add(p, v, alpha=-lr * coef, out=o)
+        torch._foreach_copy_(out, params)
+        moving = [(o, v) for o, v in zip(out, velocities) if v is not None]
+        if moving:
+            torch._foreach_add_([o for o, _ in moving], [v for _, v in moving], alpha=-group["lr"] * coef)
         return out
 
     @torch.no_grad()
@@ -201,15 +199,16 @@ class PipelineSGD(PipelineOptimizer):
                 grads = torch._foreach_add(grads, params, alpha=wd)
             grads = self._process_grads(group, params, grads)
             if self._keeps_velocity(group):
-                bufs = []
-                for p, g in zip(params, grads):
-                    st = self.state[p]
-                    buf = st.get("momentum_buffer")
-                    if buf is None:
-                        buf = st["momentum_buffer"] = g.detach().clone()
-                    else:
-                        buf.mul_(m).add_(g)
-                    bufs.append(buf)
+                bufs = [self.state[p].get("momentum_buffer") for p in params]
+                if any(b is None for b in bufs):
+                    for i, (p, g) in enumerate(zip(params, grads)):
+                        if bufs[i] is None:
+                            bufs[i] = self.state[p]["momentum_buffer"] = g.detach().clone()
+                        else:
+                            bufs[i].mul_(m).add_(g)
+                else:
+                    torch._foreach_mul_(bufs, m)
+                    torch._foreach_add_(bufs, grads)
                 if group["nesterov"]:
                     direction = torch._foreach_add(grads, bufs, alpha=m)
                 elif group["spike_compensation"] and m != 0.0:
