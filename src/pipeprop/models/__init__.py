@@ -62,18 +62,26 @@ def list_models() -> list[str]:
     return list(_ZOO)
 
 
+def _canonical(name: str) -> str:
+    """"ResNet-20", "resnet_20", "VGG16" -> "resnet20", "vgg16"; "cnn" -> "cnn-small"."""
+    key = str(name).strip().lower().replace("_", "-")
+    if key.startswith(("resnet", "vgg")):
+        key = key.replace("-", "")
+    return {"cnn": "cnn-small", "cnnsmall": "cnn-small"}.get(key, key)
+
+
 def get(name: str, *, norm: str | None = None, num_classes: int = 10, **kw: Any) -> nn.Sequential:
     """Build zoo model ``name`` with normalization ``norm`` ("gn", "online", "ws+gn", "bn", "none").
 
     ``norm=None`` takes the model's default ("gn" for the conv nets, "none" for the MLP). Extra keywords go
     to the builder, e.g. ``in_channels=1``, ``gn_groups=4``, ``width=8``, ``online={"ecm": "ac"}``.
     """
-    key = str(name).strip().lower().replace("_", "-")
-    key = {"resnet-50": "resnet50", "cnn": "cnn-small", "cnnsmall": "cnn-small"}.get(key, key.replace("-", "") if key.startswith(("resnet", "vgg")) else key)
+    key = _canonical(name)
     if key not in _ZOO:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(_ZOO)}")
     spec = _ZOO[key]
     try:
         return spec.build(norm=spec.default_norm if norm is None else norm, num_classes=num_classes, **kw)
     except TypeError as err:
-        raise TypeError(f"model {key!r}: {err}. See pipeprop.models.{getattr(spec.build, 'func', spec.build).__name__} for its options.") from err
+        builder = getattr(spec.build, "func", spec.build).__name__
+        raise TypeError(f"model {key!r}: {err}. See pipeprop.models.{builder} for its options.") from err

@@ -17,6 +17,7 @@ __all__ = ["cifar_resnet", "CIFAR_DEPTHS"]
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 
+
 def _basic_block(
     norm: str, cin: int, cout: int, stride: int, shortcut: str, gn_groups: int, online: Optional[dict]
 ) -> list[nn.Module]:
@@ -34,6 +35,7 @@ def _basic_block(
     else:
         layers.append(Join(PadShortcut(stride, cout - cin)))
     return layers
+
 
 def cifar_resnet(
     depth: int,
