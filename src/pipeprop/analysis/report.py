@@ -113,8 +113,7 @@ def rate_curves(cfg: AnalysisConfig, out: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------ (b)
 def _heatmap_panel(ax, x_edges, y_edges, rate, title, xlabel, ylabel, plt):
     masked = np.ma.masked_where(rate >= 1.0, rate)
-    cmap = plt.get_cmap("magma_r").copy()
-    cmap.set_bad("lightgray")
+    cmap = plt.get_cmap("magma_r").with_extremes(bad="lightgray")
     mesh = ax.pcolormesh(x_edges, y_edges, masked, cmap=cmap, vmin=0.8, vmax=1.0, shading="flat")
     ax.set_xscale("log")
     ax.set_title(title)
