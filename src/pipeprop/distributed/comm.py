@@ -198,6 +198,35 @@ class PipelineComm:
             backend=str(dist.get_backend()),
         )
 
+    def isend(self, tensor: Tensor, peer: int, group: Any, what: str) -> Any:
+        try:
+            return dist.isend(tensor, dst=peer, group=group)
+        except Exception as err:
+            raise _classify(err, what) from err
+
+    def irecv(self, tensor: Tensor, peer: int, group: Any, what: str) -> Any:
+        try:
+            return dist.irecv(tensor, src=peer, group=group)
+        except Exception as err:
+            raise _classify(err, what) from err
+
+    def barrier(self, timeout: Optional[float] = None) -> None:
+        """Wait until every rank got here (e.g. built its stages), at most ``timeout`` (default: the PG's).
+
+        On gloo a rank that does not arrive is named in the error.
+        """
+        if self.world_size <= 1 or not dist.is_initialized():
+            return
+        what = f"rank {self.rank}: waiting for all ranks to start"
+        try:
+            if self.backend == "gloo":
+                kw = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+                dist.monitored_barrier(**kw)
+            else:
+                dist.barrier()
+        except Exception as err:
+            raise _classify(err, what) from err
+
     def wait(self, work: Any, what: str) -> None:
         """Wait for ``work`` at most ``timeout`` seconds; raise a :class:`PipelineCommError` naming ``what``."""
         try:
@@ -231,8 +260,8 @@ class Outbox:
         dev = self.comm.device
         header = header.to(dev)
         tensors = [t.to(dev) for t in tensors]
-        works = [dist.isend(header, dst=self.peer, group=self.group)]
-        works += [dist.isend(t, dst=self.peer, group=self.group) for t in tensors]
+        what = f"rank {self.comm.rank}: sending {self.what} {label} to rank {self.peer}"
+        works = [self.comm.isend(t, self.peer, self.group, what) for t in (header, *tensors)]
         self._pending.append((works, [header, *tensors], label))
         while len(self._pending) > self.capacity:
             self._wait_oldest()
@@ -266,7 +295,8 @@ class Inbox:
     def _post(self) -> None:
         if self._work is None and self.remaining > 0:
             self._header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=self.comm.device)
-            self._work = dist.irecv(self._header, src=self.peer, group=self.group)
+            what = f"rank {self.comm.rank}: receiving {self.what} from rank {self.peer}"
+            self._work = self.comm.irecv(self._header, self.peer, self.group, what)
 
     def get(self, label: str) -> Payload:
         """The next payload (blocks at most the timeout per message part)."""
@@ -278,7 +308,7 @@ class Inbox:
         assert self._header is not None
         layout = decode_header(self._header.cpu())
         tensors = [torch.empty(spec[1], dtype=spec[0], device=self.comm.device) for spec in layout.specs if spec is not None]
-        works = [dist.irecv(t, src=self.peer, group=self.group) for t in tensors]
+        works = [self.comm.irecv(t, self.peer, self.group, what) for t in tensors]
         for w in works:
             self.comm.wait(w, what)
         self.wait_seconds += time.perf_counter() - t0

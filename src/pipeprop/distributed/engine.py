@@ -161,6 +161,8 @@ class DistributedPipeline:
         lr_lambda: learning-rate factor of the update of micro-batch ``n`` (like
             ``torch.optim.lr_scheduler.LambdaLR`` stepped once per micro-batch): each stage sets
             ``lr = base_lr * lr_lambda(n)`` right before that update (and ``lr_lambda(0)`` at the start).
+        startup_timeout: how long :meth:`run` waits for all ranks to start (default: the process group's
+            timeout); afterwards every single wait is bounded by ``comm.timeout``.
     """
 
     def __init__(
@@ -178,6 +180,7 @@ class DistributedPipeline:
         keep_forward_state: bool = False,
         check_finite: bool = True,
         lr_lambda: Optional[Callable[[int], float]] = None,
+        startup_timeout: Optional[float] = None,
     ) -> None:
         if weight_mode not in WEIGHT_MODES:
             raise ValueError(f"unknown weight_mode {weight_mode!r}; choose one of {WEIGHT_MODES}")
@@ -225,6 +228,7 @@ class DistributedPipeline:
         self.keep_forward_state = keep_forward_state
         self.check_finite = check_finite
         self.lr_lambda = lr_lambda
+        self.startup_timeout = startup_timeout
         self._base_lrs = [g["lr"] for g in optimizer.param_groups]
         if lr_lambda is not None:
             for g, base in zip(optimizer.param_groups, self._base_lrs):
@@ -486,6 +490,7 @@ class DistributedPipeline:
         out_act = Outbox(comm, r + 1, comm.act_group, capacity=self.queue_capacity, what="activations") if self.has_right else None
         out_err = Outbox(comm, r - 1, comm.err_group, capacity=self.queue_capacity, what="errors") if self.has_left else None
         it = iter(batches) if batches is not None else iter(())
+        comm.barrier(self.startup_timeout)  # every rank has built its stages: from here on waits are per message
         bar = _progress_bar(stop - start, progress, f"rank {r}")
         self._compute = 0.0
         t_start = time.perf_counter()

@@ -1,0 +1,281 @@
+"""The distributed engine equals the simulator; faults end every rank promptly; bad config fails before waiting.
+
+The tests start their own processes (spawn, gloo on CPU, a free port); one launch runs every model and
+method in turn to keep process start-ups (the slow part on a small machine) few.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import pipeprop
+from pipeprop.distributed import DistributedPipeline, PipelineComm, assign_stages, build_pipeline
+from pipeprop.distributed.comm import decode_header, encode_header
+from pipeprop.models.blocks import Fork, Join, OnBranch
+
+METHODS = ("pb", "pb+sc", "pb+lwp", "pb+sc+lwp", "pb+stash")
+MICROBATCHES = 14
+LR, MOMENTUM, WD = 0.05, 0.9, 1e-3
+# stage counts per rank; the CNN's first boundary carries the residual tuple (x, x) between ranks
+ASSIGN = {("mlp", 2): "params", ("mlp", 4): "uniform", ("cnn", 2): "1,3", ("cnn", 4): "uniform"}
+
+
+# ---------------------------------------------------------------------------------------------- models and data
+def make_model(name: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = nn.Sequential(
+            nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 8), nn.ReLU(),
+            nn.Linear(8, 5),
+        )
+    else:  # a small CNN with a residual skip carried as a tuple, and a GroupNorm
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), Fork(),
+            OnBranch(nn.Conv2d(4, 4, 3, padding=1)), Join(),
+            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.GroupNorm(2, 6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(6, 5),
+        )
+    return model.double()
+
+
+def make_batches(name: str, n: int = MICROBATCHES) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    shape = (2, 16) if name == "mlp" else (2, 1, 6, 6)
+    return [(torch.randn(*shape, generator=g, dtype=torch.float64), torch.randint(0, 5, (2,), generator=g)) for _ in range(n)]
+
+
+def simulator_reference(name: str, method: str) -> tuple[list[list[torch.Tensor]], list[float]]:
+    """Final weights per stage and losses of the exact sequential simulator (the project's reference)."""
+    sim = pipeprop.build_simulator(make_model(name), F.cross_entropy, method=method, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    losses = [sim.step(x, y) for x, y in make_batches(name)]
+    return [[p.detach().clone() for p in st.parameters()] for st in sim.stages], losses
+
+
+# ---------------------------------------------------------------------------------------------- process plumbing
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, timeout: float, job: Callable[..., None], args: tuple, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        # start-up (imports, building stages) may be slow on a busy machine: the group's timeout covers it,
+        # the pipeline's per-message waits use ``timeout``
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=max(timeout, 120)))
+        job(PipelineComm.from_env(timeout), out, *args)
+        dist.destroy_process_group()
+    except BaseException as err:  # noqa: BLE001 - report and leave at once, as the CLI worker does
+        Path(out, f"err{rank}.txt").write_text(f"{time.time()}\n{type(err).__name__}: {err}")
+        os._exit(1)
+    os._exit(0)
+
+
+def run_procs(job: Callable[..., None], world: int, out: Path, *, timeout: float, args: tuple = (), limit: float = 120.0,
+              hanging: tuple[int, ...] = ()):
+    """Start ``world`` ranks running ``job``; returns exit codes (None: still running, then killed).
+
+    Waits until every rank except those in ``hanging`` has exited (or ``limit`` seconds passed).
+    """
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, timeout, job, args, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and any(p.is_alive() for r, p in enumerate(procs) if r not in hanging):
+        time.sleep(0.05)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes
+
+
+def read_error(out: Path, rank: int) -> tuple[float, str]:
+    stamp, text = Path(out, f"err{rank}.txt").read_text().split("\n", 1)
+    return float(stamp), text
+
+
+# ---------------------------------------------------------------------------------------------- jobs (run in the ranks)
+def _equivalence_job(comm: PipelineComm, out: str) -> None:
+    results: dict[str, Any] = {}
+    for name in ("mlp", "cnn"):
+        for method in METHODS:
+            engine = build_pipeline(
+                make_model(name), F.cross_entropy, comm=comm, method=method, lr=LR, momentum=MOMENTUM, weight_decay=WD,
+                assignment=ASSIGN[(name, comm.world_size)],
+            )
+            stats = engine.run(make_batches(name), MICROBATCHES)
+            results[f"{name}/{method}"] = {
+                "params": {slot.index: [p.detach().clone() for p in slot.params] for slot in engine.slots},
+                "losses": stats.losses,
+            }
+    torch.save(results, Path(out, f"rank{comm.rank}.pt"))
+
+
+def _fault_job(comm: PipelineComm, out: str, kind: str, bad_rank: int, at_step: int) -> None:
+    engine = build_pipeline(make_model("mlp"), F.cross_entropy, comm=comm, method="pb", lr=LR, assignment="uniform"
+                            if comm.world_size == 4 else "params")
+
+    def fault(step: int) -> None:
+        if comm.rank == bad_rank and step == at_step:
+            Path(out, "fault.txt").write_text(str(time.time()))
+            if kind == "raise":
+                raise RuntimeError("injected failure")
+            time.sleep(300)  # hang
+
+    engine.run(make_batches("mlp", 40), 40, on_step=fault)
+
+
+# ---------------------------------------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_equals_simulator(tmp_path: Path, world: int) -> None:
+    codes = run_procs(_equivalence_job, world, tmp_path, timeout=60.0)
+    errors = {r: read_error(tmp_path, r)[1] for r in range(world) if Path(tmp_path, f"err{r}.txt").exists()}
+    assert codes == [0] * world, f"ranks failed: {codes} {errors}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name in ("mlp", "cnn"):
+        for method in METHODS:
+            ref_params, ref_losses = simulator_reference(name, method)
+            key = f"{name}/{method}"
+            seen = set()
+            for res in ranks:
+                for s, params in res[key]["params"].items():
+                    seen.add(s)
+                    for got, want in zip(params, ref_params[s], strict=True):
+                        if name == "mlp":  # chains of single tensors: bit for bit
+                            assert torch.equal(got, want), f"{key} stage {s} differs from the simulator"
+                        else:
+                            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13, msg=f"{key} stage {s}")
+            assert seen == set(range(len(ref_params))), f"{key}: stages {seen} held by the ranks"
+            torch.testing.assert_close(torch.tensor(ranks[-1][key]["losses"]), torch.tensor(ref_losses), rtol=1e-12, atol=0)
+            assert all(not r[key]["losses"] for r in ranks[:-1]), "only the last rank computes losses"
+
+
+# ---------------------------------------------------------------------------------------------- faults
+def test_rank_that_raises_ends_every_rank(tmp_path: Path) -> None:
+    timeout = 20.0  # the failure is noticed by the broken connection, long before the timeout
+    codes = run_procs(_fault_job, 2, tmp_path, timeout=timeout, args=("raise", 0, 6), limit=90)
+    assert codes == [1, 1], codes
+    fault_time = float((tmp_path / "fault.txt").read_text())
+    assert "injected failure" in read_error(tmp_path, 0)[1]
+    when, text = read_error(tmp_path, 1)
+    assert "PeerLostError" in text or "PeerTimeoutError" in text, text
+    assert "rank 0" in text, text
+    assert when - fault_time < timeout, "the neighbour of a crashed rank must fail within the timeout"
+
+
+def test_rank_that_hangs_ends_every_other_rank(tmp_path: Path) -> None:
+    timeout = 5.0
+    codes = run_procs(_fault_job, 3, tmp_path, timeout=timeout, args=("hang", 1, 6), limit=60, hanging=(1,))
+    assert codes[0] == 1 and codes[2] == 1, codes
+    assert codes[1] is None, "the hanging rank was still running (and got killed by the test)"
+    fault_time = float((tmp_path / "fault.txt").read_text())
+    for r in (0, 2):
+        when, text = read_error(tmp_path, r)
+        assert "PeerTimeoutError" in text or "PeerLostError" in text, text
+        assert "rank 1" in text, text
+        assert when - fault_time < timeout + 10.0, f"rank {r} failed {when - fault_time:.1f}s after the hang"
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+CLI_ARGS = [
+    "--model", "mlp", "--set", 'model_options={"hidden": 16}', "--dataset", "digits", "--method", "pb+sc+lwp",
+    "--samples", "24", "--batch-size", "1", "--micro-batch", "1", "--lr", "0.05", "--momentum", "0.9",
+    "--schedule", "constant", "--dtype", "float64", "--seed", "3", "--timeout", "60", "--no-progress", "--no-eval",
+]
+
+
+def test_bad_configuration_is_rejected_before_any_process_starts(tmp_path: Path) -> None:
+    from pipeprop.distributed import DistributedConfig, launch
+
+    with pytest.raises(ValueError, match="only 3 pipeline stages"):
+        launch(4, CLI_ARGS + ["--out", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="unknown backend"):
+        launch(2, CLI_ARGS + ["--out", str(tmp_path / "b"), "--backend", "mpi-over-carrier-pigeon"])
+    with pytest.raises(ValueError, match="unknown backend"):
+        DistributedConfig(backend="tcp")
+    with pytest.raises(ValueError, match="synchronous"):
+        launch(2, CLI_ARGS + ["--out", str(tmp_path / "c"), "--method", "sgd"])
+    with pytest.raises(ValueError, match="at least one stage"):
+        assign_stages(pipeprop.partition(make_model("mlp")).stages, 2, "4,0")
+    assert not (tmp_path / "a" / "result.json").exists()
+
+
+def test_rank_with_bad_configuration_exits_without_waiting(tmp_path: Path) -> None:
+    """A rank launched into a world larger than the pipeline fails at once, without joining the group."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeprop.distributed", *CLI_ARGS, "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "only 3 pipeline stages" in proc.stderr
+    assert time.monotonic() - t0 < 60  # the 60 s rendezvous timeout was never waited for
+
+
+def test_header_round_trip() -> None:
+    payload = (torch.zeros(2, 3, dtype=torch.float64), None, torch.ones(4, dtype=torch.int64))
+    header, tensors = encode_header(payload)
+    layout = decode_header(header)
+    assert layout.specs == [(torch.float64, (2, 3)), None, (torch.int64, (4,))]
+    assert len(tensors) == 2
+    with pytest.raises(TypeError, match="tensor or a tuple"):
+        encode_header("text")
+
+
+def test_engine_rejects_delays_it_cannot_realize() -> None:
+    part = pipeprop.partition(make_model("mlp"), delay_offset=1)
+    comm = PipelineComm(0, 1, timeout=1.0, device=torch.device("cpu"))
+    opt = pipeprop.PipelineSGD(pipeprop.stage_param_groups(part.stages), lr=0.1)
+    with pytest.raises(ValueError, match="delay_offset"):
+        DistributedPipeline(part.stages, 0, len(part), opt, F.cross_entropy, comm=comm)
+
+
+# ---------------------------------------------------------------------------------------------- torchrun, checkpoint, resume
+def test_launch_checkpoint_resume_equals_simulator(tmp_path: Path) -> None:
+    """`launch` (torchrun): stop after step 9 with checkpoints, resume, and match the uninterrupted simulator."""
+    from pipeprop.data import MicroBatchStream, load_digits
+    from pipeprop.distributed import launch
+
+    out = tmp_path / "run"
+    first = launch(2, CLI_ARGS + ["--out", str(out), "--stop-after-step", "9"], capture_output=True)
+    assert first["completed"] is False
+    assert (out / "checkpoint" / "rank0.pt").is_file() and (out / "checkpoint" / "rank1.pt").is_file()
+    second = launch(2, CLI_ARGS + ["--out", str(out), "--resume"], capture_output=True)
+    assert second["completed"] is True and len(second["losses"]) == 24
+    assert all(0.0 < r["busy_fraction"] <= 1.0 for r in second["ranks"])
+
+    # the same run in one process, written out by hand: seed, digits, zoo MLP, simulator, stream
+    torch.manual_seed(3)
+    data = load_digits()
+    model = pipeprop.models.get("mlp", num_classes=10, in_features=64, hidden=16).double()
+    sim = pipeprop.build_simulator(model, F.cross_entropy, method="pb+sc+lwp", lr=0.05, momentum=0.9)
+    stream = MicroBatchStream(data, batch_size=1, epochs=24 / len(data.train), seed=3, dtype=torch.float64)
+    stream.total_steps = 24
+    losses = [sim.step(x, y) for x, y in stream]
+    final = torch.load(out / "model.pt")
+    for key, want in model.state_dict().items():
+        assert torch.equal(final[key], want), f"{key}: resumed distributed run differs from the simulator"
+    assert second["losses"] == losses
+    assert json.loads((out / "result.json").read_text())["assignment"] == second["assignment"]
