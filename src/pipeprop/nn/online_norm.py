@@ -112,22 +112,20 @@ class OnlineNorm(nn.Module):
         a = self.alpha_fwd
         dims = tuple(range(1, x.dim() - 1))  # spatial axes of one sample [C, *spatial]
         shape = (-1,) + (1,) * len(dims)
-        y = torch.empty_like(x)
-        scales = torch.empty(x.shape[0], self.num_features, dtype=x.dtype, device=x.device)
         m, var = self.running_mean, self.running_var
+        y = torch.empty_like(x)
+        scales = torch.empty(x.shape[0], self.num_features, dtype=var.dtype, device=x.device)
         for t in range(x.shape[0]):
             xt = x[t]
-            scale = torch.sqrt(var.to(x.dtype) + self.eps)
-            y[t] = (xt - m.to(x.dtype).view(shape)) / scale.view(shape)
-            scales[t] = scale
+            scale = torch.sqrt(var + self.eps, out=scales[t])
+            torch.div(xt - m.view(shape).to(x.dtype), scale.view(shape).to(x.dtype), out=y[t])
             if dims:
-                mu = xt.mean(dim=dims)
-                s2 = xt.var(dim=dims, unbiased=False)
+                s2, mu = torch.var_mean(xt, dim=dims, unbiased=False)
             else:
                 mu, s2 = xt, torch.zeros_like(xt)
             diff = mu.to(m.dtype) - m
-            var.mul_(a).add_((1 - a) * s2.to(var.dtype) + a * (1 - a) * diff * diff)
-            m.add_((1 - a) * diff)
+            var.mul_(a).add_(s2.to(var.dtype), alpha=1 - a).addcmul_(diff, diff, value=a * (1 - a))
+            m.add_(diff, alpha=1 - a)
         return y, scales
 
     @torch.no_grad()
@@ -139,13 +137,13 @@ class OnlineNorm(nn.Module):
         u, v = self.u, self.v
         grad_x = torch.empty_like(grad_y)
         for t in range(grad_y.shape[0]):
-            g = grad_y[t] - (1 - b) * v.to(grad_y.dtype).view(shape) * y[t]
-            gy = g * y[t]
+            yt = y[t]
+            g = torch.addcmul(grad_y[t], v.view(shape).to(yt.dtype), yt, value=-(1 - b))
+            gy = g * yt
             v.add_((gy.mean(dim=dims) if dims else gy).to(v.dtype))
-            g = g / scales[t].view(shape)
-            gx = g - (1 - b) * u.to(grad_y.dtype).view(shape)
+            gx = torch.div(g, scales[t].view(shape).to(g.dtype), out=grad_x[t])
+            gx.sub_(u.view(shape).to(g.dtype), alpha=1 - b)
             u.add_((gx.mean(dim=dims) if dims else gx).to(u.dtype))
-            grad_x[t] = gx
         return grad_x
 
     # ------------------------------------------------------------------ module
