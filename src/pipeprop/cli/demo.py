@@ -14,6 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..api import build_simulator
+from ..methods import get_method
 from ..data import ImageDataset, MicroBatchStream, load_digits
 from ..simulator import DivergenceError
 
@@ -129,6 +130,10 @@ def demo(out: Path, methods: str, depth: int, width: int, lr: float, momentum: f
     """Train a deep MLP on the embedded 8x8 digits at batch size 1 with SGD and PB variants; compare."""
     torch.set_num_threads(1)
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        names = [get_method(m).name for m in names]
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--methods") from None
     data = load_digits()
     click.echo(
         f"digits: {len(data.train)} train / {len(data.test)} test images; MLP with {depth} stages "
