@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import pickle
+import shutil
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -37,9 +38,12 @@ def _no_env(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    """One cache folder per test session, so the CIFAR archive is extracted once."""
-    return tmp_path_factory.mktemp("pipeprop-cache")
+def cache(tmp_path_factory):
+    """One cache folder per test session, so the CIFAR archive is extracted once (and removed at the end)."""
+    folder = tmp_path_factory.mktemp("pipeprop-cache")
+    yield folder
+    _cifar10.cache_clear()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
