@@ -82,6 +82,7 @@ def _entry(rank: int, world: int, port: int, timeout: float, job: Callable[..., 
         # the pipeline's per-message waits use ``timeout``
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=max(timeout, 120)))
         job(PipelineComm.from_env(timeout), out, *args)
+        dist.barrier()
         dist.destroy_process_group()
     except BaseException as err:  # noqa: BLE001 - report and leave at once, as the CLI worker does
         Path(out, f"err{rank}.txt").write_text(f"{time.time()}\n{type(err).__name__}: {err}")
@@ -117,7 +118,15 @@ def read_error(out: Path, rank: int) -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------------------------------------- jobs (run in the ranks)
-def _equivalence_job(comm: PipelineComm, out: str) -> None:
+def _equivalence_job(comm4: PipelineComm, out: str) -> None:
+    """All models and methods on 4 ranks, then on ranks 0-1 as a 2-rank pipeline (one launch for both)."""
+    comm2 = PipelineComm.from_env(comm4.timeout, ranks=2)
+    _equivalence_runs(comm4, out)
+    if comm2 is not None:
+        _equivalence_runs(comm2, out)
+
+
+def _equivalence_runs(comm: PipelineComm, out: str) -> None:
     results: dict[str, Any] = {}
     for name in ("mlp", "cnn"):
         for method in METHODS:
@@ -130,7 +139,7 @@ def _equivalence_job(comm: PipelineComm, out: str) -> None:
                 "params": {slot.index: [p.detach().clone() for p in slot.params] for slot in engine.slots},
                 "losses": stats.losses,
             }
-    torch.save(results, Path(out, f"rank{comm.rank}.pt"))
+    torch.save(results, Path(out, f"world{comm.world_size}-rank{comm.rank}.pt"))
 
 
 def _fault_job(comm: PipelineComm, out: str, kind: str, bad_rank: int, at_step: int) -> None:
@@ -148,15 +157,20 @@ def _fault_job(comm: PipelineComm, out: str, kind: str, bad_rank: int, at_step: 
 
 
 # ---------------------------------------------------------------------------------------------- equivalence
-@pytest.mark.parametrize("world", [2, 4])
-def test_distributed_equals_simulator(tmp_path: Path, world: int) -> None:
-    codes = run_procs(_equivalence_job, world, tmp_path, timeout=60.0)
-    errors = {r: read_error(tmp_path, r)[1] for r in range(world) if Path(tmp_path, f"err{r}.txt").exists()}
-    assert codes == [0] * world, f"ranks failed: {codes} {errors}"
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+def test_distributed_equals_simulator(tmp_path: Path) -> None:
+    codes = run_procs(_equivalence_job, 4, tmp_path, timeout=60.0)
+    errors = {r: read_error(tmp_path, r)[1] for r in range(4) if Path(tmp_path, f"err{r}.txt").exists()}
+    assert codes == [0] * 4, f"ranks failed: {codes} {errors}"
+    references = {(name, method): simulator_reference(name, method) for name in ("mlp", "cnn") for method in METHODS}
+    for world in (2, 4):
+        ranks = [torch.load(tmp_path / f"world{world}-rank{r}.pt") for r in range(world)]
+        check_against_simulator(ranks, references)
+
+
+def check_against_simulator(ranks: list[dict[str, Any]], references: dict) -> None:
     for name in ("mlp", "cnn"):
         for method in METHODS:
-            ref_params, ref_losses = simulator_reference(name, method)
+            ref_params, ref_losses = references[(name, method)]
             key = f"{name}/{method}"
             seen = set()
             for res in ranks:

@@ -174,28 +174,44 @@ class PipelineComm:
         act_group: Any = None,
         err_group: Any = None,
         backend: str = "gloo",
+        group: Any = None,
     ) -> None:
         self.rank, self.world_size = rank, world_size
+        self.group = group  # all ranks of this pipeline (None: the default group)
         self.timeout = float(timeout)
         self.device = torch.device(device)
         self.act_group, self.err_group = act_group, err_group
         self.backend = backend
 
     @classmethod
-    def from_env(cls, timeout: float, device: torch.device | str = "cpu") -> "PipelineComm":
+    def from_env(
+        cls, timeout: float, device: torch.device | str = "cpu", ranks: Optional[int] = None
+    ) -> Optional["PipelineComm"]:
+        """The pipeline of global ranks ``0..ranks-1`` (default: all); ``None`` on ranks outside it.
+
+        Collective: every process of the default group must call it, in the same order.
+        """
         if not dist.is_initialized():
             raise RuntimeError("call torch.distributed.init_process_group before PipelineComm.from_env")
+        world = dist.get_world_size()
+        size = world if ranks is None else int(ranks)
+        if not 1 <= size <= world:
+            raise ValueError(f"a pipeline of {size} ranks does not fit in a world of {world}")
         td = datetime.timedelta(seconds=timeout)
-        act = dist.new_group(timeout=td)
-        err = dist.new_group(timeout=td)
+        members = None if size == world else list(range(size))
+        act = dist.new_group(members, timeout=td)
+        err = dist.new_group(members, timeout=td)
+        if dist.get_rank() >= size:
+            return None
         return cls(
             dist.get_rank(),
-            dist.get_world_size(),
+            size,
             timeout=timeout,
             device=torch.device(device),
             act_group=act,
             err_group=err,
             backend=str(dist.get_backend()),
+            group=act if members is not None else None,
         )
 
     def isend(self, tensor: Tensor, peer: int, group: Any, what: str) -> Any:
@@ -221,9 +237,9 @@ class PipelineComm:
         try:
             if self.backend == "gloo":
                 kw = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
-                dist.monitored_barrier(**kw)
+                dist.monitored_barrier(group=self.group, **kw)
             else:
-                dist.barrier()
+                dist.barrier(group=self.group)
         except Exception as err:
             raise _classify(err, what) from err
 
