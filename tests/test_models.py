@@ -12,6 +12,7 @@ import pipeprop
 from pipeprop import models
 from pipeprop.models import Join, OnBranch, OnSkip
 from pipeprop.nn import OnlineNorm, WSConv2d
+from pipeprop.partition import flatten_sequential
 
 
 def n_params(m: nn.Module) -> int:
@@ -130,7 +131,7 @@ def test_sequential_resnet_equals_a_plain_residual_forward():
     torch.manual_seed(0)
     m = models.get("resnet20").eval()
     x = torch.randn(2, 3, 32, 32)
-    mods = list(m)
+    mods = flatten_sequential(m)
     h = mods[2](mods[1](mods[0](x)))  # stem conv, norm, relu
     branches = [b for b in mods if isinstance(b, OnBranch)]
     assert len(branches) == 18
@@ -173,6 +174,18 @@ def test_layer_partition_has_one_compute_layer_per_stage(name, kw, stages):
     assert all(_compute_layers(st) == 1 for st in part)
     assert part.delays == [2 * (stages - 1 - s) for s in range(stages)]
     assert sum(st.num_parameters() for st in part) == n_params(models.get(name, **kw))
+
+
+@pytest.mark.parametrize(
+    "name,blocks", [("resnet20", 11), ("resnet110", 56), ("resnet50", 18), ("vgg16", 6), ("cnn-small", 4), ("mlp", 3)]
+)
+def test_block_partition_is_one_stage_per_residual_block(name, blocks):
+    """``"block"``: stem, one stage per residual block (VGG: per pooling block), head."""
+    part = pipeprop.partition(models.get(name), "block")
+    assert len(part) == blocks
+    assert all(st.num_parameters() > 0 for st in part)
+    if name.startswith("resnet"):
+        assert all(sum(isinstance(m, Join) for m in st.modules()) == 1 for st in part.stages[1:-1])
 
 
 def test_resnet_stage_contents():

@@ -6,6 +6,7 @@ zero-pad channels, as in the paper; ResNet-20 has 0.27 M parameters) or 1x1 proj
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 from torch import nn
@@ -50,6 +51,9 @@ def cifar_resnet(
 ) -> nn.Sequential:
     """ResNet-``depth`` for 32x32 inputs (any size >= 4 works: global average pooling).
 
+    The result nests ``stem``, ``block{g}_{b}`` and ``head`` Sequentials: ``"layer"`` partitioning
+    flattens them (one stage per conv), ``"block"`` gives one stage per residual block.
+
     Args:
         depth: 6n+2 (20, 32, 44, 56, 110, ...).
         norm: "gn", "online", "ws+gn", "bn" or "none".
@@ -65,12 +69,14 @@ def cifar_resnet(
         raise ValueError(f"shortcut must be 'pad' or 'projection', got {shortcut!r}")
     n = (depth - 2) // 6
     kw = dict(gn_groups=gn_groups, online=online)
-    layers: list[nn.Module] = list(conv_unit(norm, in_channels, width, 3, 1, **kw))
+    parts: OrderedDict[str, nn.Module] = OrderedDict(stem=nn.Sequential(*conv_unit(norm, in_channels, width, 3, 1, **kw)))
     cin = width
     for group, cout in enumerate((width, 2 * width, 4 * width)):
         for b in range(n):
             stride = 2 if group > 0 and b == 0 else 1
-            layers += _basic_block(norm, cin, cout, stride, shortcut, gn_groups, online)
+            parts[f"block{group + 1}_{b + 1}"] = nn.Sequential(
+                *_basic_block(norm, cin, cout, stride, shortcut, gn_groups, online)
+            )
             cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
-    return nn.Sequential(*layers)
+    parts["head"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+    return nn.Sequential(parts)

@@ -6,6 +6,7 @@ the four projection shortcuts are stages of their own: 1 + 48 + 4 + 1 = 54 stage
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 from torch import nn
@@ -49,6 +50,7 @@ def imagenet_resnet(
     """Bottleneck ResNet (50/101/152) for 224x224 inputs (any size >= 32 works: global average pooling).
 
     ``width`` is the stem's channel count (64 in the paper); smaller values give small test networks.
+    Nested as ``stem``, ``block{g}_{b}``, ``head`` (``"block"`` partitioning: one stage per bottleneck).
     """
     norm = check_norm(norm)
     if layout is None:
@@ -56,14 +58,14 @@ def imagenet_resnet(
             raise ValueError(f"ImageNet ResNet depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
         layout = RESNET_LAYOUTS[depth]
     kw = dict(gn_groups=gn_groups, online=online)
-    layers: list[nn.Module] = list(conv_unit(norm, in_channels, width, 7, 2, **kw))
-    layers.append(nn.MaxPool2d(3, stride=2, padding=1))
+    stem = nn.Sequential(*conv_unit(norm, in_channels, width, 7, 2, **kw), nn.MaxPool2d(3, stride=2, padding=1))
+    parts: OrderedDict[str, nn.Module] = OrderedDict(stem=stem)
     cin = width
     for group, blocks in enumerate(layout):
         mid = width * 2**group
         for b in range(blocks):
             stride = 2 if group > 0 and b == 0 else 1
-            layers += _bottleneck(norm, cin, mid, stride, gn_groups, online)
+            parts[f"block{group + 1}_{b + 1}"] = nn.Sequential(*_bottleneck(norm, cin, mid, stride, gn_groups, online))
             cin = 4 * mid
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
-    return nn.Sequential(*layers)
+    parts["head"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+    return nn.Sequential(parts)

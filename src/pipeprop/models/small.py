@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 from torch import nn
@@ -29,17 +30,19 @@ def mlp(
     norm = check_norm(norm)
     if depth < 1:
         raise ValueError(f"mlp depth (number of linear layers) must be >= 1, got {depth}")
-    layers: list[nn.Module] = [nn.Flatten()]
+    parts: OrderedDict[str, nn.Module] = OrderedDict()
     fin = in_features
-    for _ in range(depth - 1):
-        layers.append(make_linear(norm, fin, hidden))
+    for i in range(depth - 1):
+        layer: list[nn.Module] = [nn.Flatten()] if i == 0 else []
+        layer.append(make_linear(norm, fin, hidden))
         n = make_norm(norm, hidden, dims=1, gn_groups=gn_groups, **(online or {}))
         if n is not None:
-            layers.append(n)
-        layers.append(nn.ReLU())
+            layer.append(n)
+        layer.append(nn.ReLU())
+        parts[f"layer{i + 1}"] = nn.Sequential(*layer)
         fin = hidden
-    layers.append(nn.Linear(fin, num_classes))
-    return nn.Sequential(*layers)
+    parts["out"] = nn.Sequential(*([nn.Flatten()] if depth == 1 else []), nn.Linear(fin, num_classes))
+    return nn.Sequential(parts)
 
 
 def cnn_small(
@@ -57,9 +60,11 @@ def cnn_small(
     """
     norm = check_norm(norm)
     kw = dict(gn_groups=gn_groups, online=online)
-    layers: list[nn.Module] = []
-    layers += conv_unit(norm, in_channels, width, 3, 1, **kw)
-    layers += conv_unit(norm, width, 2 * width, 3, 2, **kw)
-    layers += conv_unit(norm, 2 * width, 4 * width, 3, 2, **kw)
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes)]
-    return nn.Sequential(*layers)
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Sequential(*conv_unit(norm, in_channels, width, 3, 1, **kw)),
+            conv2=nn.Sequential(*conv_unit(norm, width, 2 * width, 3, 2, **kw)),
+            conv3=nn.Sequential(*conv_unit(norm, 2 * width, 4 * width, 3, 2, **kw)),
+            head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes)),
+        )
+    )

@@ -8,6 +8,7 @@ image is 1x1x512, so the classifier is 512 -> hidden -> hidden -> classes (three
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Union
 
 from torch import nn
@@ -36,33 +37,40 @@ def vgg(
     gn_groups: int = 32,
     online: Optional[dict] = None,
 ) -> nn.Sequential:
-    """VGG-``depth`` (11, 13 or 16). ``width_mult`` scales every conv width (for small test networks)."""
+    """VGG-``depth`` (11, 13 or 16). ``width_mult`` scales every conv width (for small test networks).
+
+    Nested as ``block1``..``block5`` (the convs up to each pooling) and ``classifier``.
+    """
     norm = check_norm(norm)
     if depth not in VGG_CONFIGS:
         raise ValueError(f"VGG depth must be one of {sorted(VGG_CONFIGS)}, got {depth}")
     if classifier not in ("mlp", "linear"):
         raise ValueError(f"classifier must be 'mlp' or 'linear', got {classifier!r}")
-    layers: list[nn.Module] = []
+    parts: OrderedDict[str, nn.Module] = OrderedDict()
+    block: list[nn.Module] = []
     cin = in_channels
     for item in VGG_CONFIGS[depth]:
         if item == "M":
-            layers.append(nn.MaxPool2d(2))
+            block.append(nn.MaxPool2d(2))
+            parts[f"block{len(parts) + 1}"] = nn.Sequential(*block)
+            block = []
             continue
         cout = max(1, int(round(int(item) * width_mult)))
-        layers.append(make_conv(norm, cin, cout, 3))
+        block.append(make_conv(norm, cin, cout, 3))
         n = make_norm(norm, cout, gn_groups=gn_groups, **(online or {}))
         if n is not None:
-            layers.append(n)
-        layers.append(nn.ReLU())
+            block.append(n)
+        block.append(nn.ReLU())
         cin = cout
     # global pooling makes inputs other than 32x32 work; at 32x32 the map is already 1x1
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     if classifier == "mlp":
         for fin in (cin, hidden):
-            layers += [nn.Linear(fin, hidden), nn.ReLU()]
+            head += [nn.Linear(fin, hidden), nn.ReLU()]
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-        layers.append(nn.Linear(hidden, num_classes))
+                head.append(nn.Dropout(dropout))
+        head.append(nn.Linear(hidden, num_classes))
     else:
-        layers.append(nn.Linear(cin, num_classes))
-    return nn.Sequential(*layers)
+        head.append(nn.Linear(cin, num_classes))
+    parts["classifier"] = nn.Sequential(*head)
+    return nn.Sequential(parts)
