@@ -125,6 +125,12 @@ def test_list_and_unknown_model():
         models.cifar_resnet(21)
 
 
+def test_bad_builder_option_names_the_keyword():
+    with pytest.raises(TypeError, match="'in_channels'"):
+        models.get("mlp", in_channels=3)
+    assert len(models.get("ResNet-20")) == len(models.get("resnet20"))
+
+
 def test_sequential_resnet_equals_a_plain_residual_forward():
     """The tuple-carrying sequence computes relu(F(x) + shortcut(x)) block by block, with option-A shortcuts
     written here independently (subsample by 2, zero-pad channels equally on both sides)."""
@@ -266,5 +272,9 @@ def test_partition_cli():
     res = runner.invoke(main, ["partition", "vgg11", "--norm", "online", "-g", "4", "-o", "width_mult=0.5"])
     assert res.exit_code == 0, res.output
     assert "4 stages" in res.output
+    res = runner.invoke(main, ["partition", "resnet20", "-g", "block"])
+    assert res.exit_code == 0 and "11 stages" in res.output and "join(add+relu)" in res.output
+    res = runner.invoke(main, ["partition", "--list"])
+    assert res.exit_code == 0 and "resnet110" in res.output
     res = runner.invoke(main, ["partition", "nosuchnet"])
     assert res.exit_code != 0 and "unknown model" in res.output
