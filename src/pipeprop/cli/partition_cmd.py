@@ -30,7 +30,7 @@ def _parse_granularity(text: str):
 def partition_cmd(model, norm, granularity, num_classes, delay_offset, options, list_only) -> None:
     """Print MODEL's stages: delay D_s, parameters |W_s|, weight versions D_s*|W_s| and the modules."""
     from .. import models
-    from ..partition import partition
+    from ..partition import flatten_sequential, partition
 
     if list_only or model is None:
         for name in models.list_models():
@@ -51,7 +51,7 @@ def partition_cmd(model, norm, granularity, num_classes, delay_offset, options, 
     for st in part:
         n = st.num_parameters()
         rows.append((str(st.index), str(st.delay), f"{n:,}", f"{st.delay * n:,}",
-                     " > ".join(models.describe(m) for m in st)))
+                     " > ".join(models.describe(m) for m in flatten_sequential(st))))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(f"{r[i]:>{widths[i]}}" for i in range(4)) + "  " + r[4])
