@@ -91,17 +91,17 @@ def rate_curves(cfg: AnalysisConfig, out: Path) -> list[Path]:
     for ax, method in zip(axes.flat, cfg.methods):
         r = rate_grid(method, cfg.momentum, cfg.curve_delays, h, **cfg.options)
         for i, d in enumerate(cfg.curve_delays):
-            ax.semilogx(h, np.minimum(r[i], 1.2), color=cmap(i / max(1, len(cfg.curve_delays) - 1)), label=f"D={d}")
+            ax.semilogx(h, np.minimum(r[i], 1.1), color=cmap(i / max(1, len(cfg.curve_delays) - 1)), label=f"D={d}")
             rows.extend((method, d, float(x), float(y)) for x, y in zip(h, r[i]))
         ax.axhline(1.0, color="k", lw=0.6, ls=":")
         ax.set_title(method)
         ax.set_xlabel("ηλ")
-        ax.set_ylim(0.0, 1.2)
+        ax.set_ylim(0.85, 1.1)
     for ax in axes.flat[len(cfg.methods):]:
         ax.axis("off")
     axes[0, 0].set_ylabel("rate = spectral radius")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"Asymptotic rate of delayed SGDM on ½λw² (m={cfg.momentum}); >1 diverges (clipped at 1.2)")
+    fig.suptitle(f"Asymptotic rate of delayed SGDM on ½λw² (m={cfg.momentum}); >1 diverges (clipped at 1.1)")
     fig.tight_layout()
     png, csv_path = out / "rate_vs_lr.png", out / "rate_vs_lr.csv"
     fig.savefig(png, dpi=110)
