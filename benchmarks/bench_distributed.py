@@ -9,10 +9,10 @@ size ``b``:
 * **GPipe** and **1F1B** (``torch.distributed.pipelining``): ``M`` micro-batches per mini-batch, fill and
   drain for every optimizer step.
 
-Reported per schedule: samples/s, and every rank's busy fraction = compute time / wall time. Compute is
-priced the same way for all three: the rank's forward+backward per micro-batch and its optimizer steps,
-each at the cost measured stand-alone in that process before the runs (PB also reports its engine's own
-compute counters). The analytic bubble of fill-and-drain is (S-1)/(M+S-1).
+Reported per schedule: samples/s, and every rank's busy fraction = compute time / wall time, where
+compute is the time spent in the rank's stage forward, backward (from the output's gradient to the
+input's, timed by autograd markers around the stage) and optimizer steps: the engine's own counters for
+PB, the same events for the torch schedules. The analytic bubble of fill-and-drain is (S-1)/(M+S-1).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --nproc 2 4 --samples 1024 --micro-batch 16 --chunks 8
 
@@ -59,30 +59,53 @@ def data(samples: int, width: int, seed: int = 1) -> tuple[torch.Tensor, torch.T
     return torch.randn(samples, width, generator=g), torch.randint(0, 10, (samples,), generator=g)
 
 
-def isolated_costs(module: nn.Module, rank: int, world: int, b: int, width: int, reps: int = 20) -> tuple[float, float]:
-    """Seconds of one forward+backward of this rank's stage on a micro-batch, and of one SGD step, alone."""
-    opt = torch.optim.SGD(module.parameters(), lr=1e-6, momentum=0.9)
-    x = torch.randn(b, width, requires_grad=rank > 0)
-    y = torch.randint(0, 10, (b,))
+class _Clock:
+    """Accumulates the compute time of one stage: forward, backward and optimizer steps."""
 
-    def fb() -> None:
-        out = module(x)
-        if rank == world - 1:
-            F.cross_entropy(out, y).backward()
-        else:
-            out.backward(torch.ones_like(out))
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.mark = 0.0
 
-    fb()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fb()
-    t_fb = (time.perf_counter() - t0) / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        opt.step()
-    t_opt = (time.perf_counter() - t0) / reps
-    opt.zero_grad(set_to_none=True)
-    return t_fb, t_opt
+
+class _BackwardStart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, clock: _Clock, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.clock = clock
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        ctx.clock.mark = time.perf_counter()
+        return None, g
+
+
+class _BackwardEnd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, clock: _Clock, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.clock = clock
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        ctx.clock.total += time.perf_counter() - ctx.clock.mark
+        return None, g, None
+
+
+class Timed(nn.Module):
+    """Wraps a stage so that its forward and backward (up to its input) are timed."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.clock = _Clock()
+        self._anchor = torch.zeros((), requires_grad=True)  # puts the end marker into the graph on stage 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        x = _BackwardEnd.apply(self.clock, x, self._anchor)
+        y = self.inner(x)
+        self.clock.total += time.perf_counter() - t0
+        return _BackwardStart.apply(self.clock, y)
 
 
 def _pb(comm: Any, args: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -94,8 +117,7 @@ def _pb(comm: Any, args: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, flo
                             partition=world, assignment="uniform")
     batches = [(x[i : i + b], y[i : i + b]) for i in range(0, len(x), b)]
     stats = engine.run(batches, len(batches))
-    return {"wall": stats.wall, "compute": stats.compute, "samples": len(batches) * b, "microbatches": len(batches),
-            "updates": len(batches)}
+    return {"wall": stats.wall, "compute": stats.compute, "samples": len(batches) * b}
 
 
 def _torch_schedule(comm: Any, args: Any, x: torch.Tensor, y: torch.Tensor, kind: str, warmup: bool) -> dict[str, float]:
@@ -104,7 +126,8 @@ def _torch_schedule(comm: Any, args: Any, x: torch.Tensor, y: torch.Tensor, kind
 
     world, rank, b, M = comm.world_size, comm.rank, args.micro_batch, args.chunks
     module = stage_modules(make_model(world, args.width), world)[rank]
-    stage = PipelineStage(module, rank, world, torch.device("cpu"))
+    timed = Timed(module)
+    stage = PipelineStage(timed, rank, world, torch.device("cpu"))
     cls = ScheduleGPipe if kind == "gpipe" else Schedule1F1B
     schedule = cls(stage, n_microbatches=M, loss_fn=F.cross_entropy)
     opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
@@ -122,10 +145,13 @@ def _torch_schedule(comm: Any, args: Any, x: torch.Tensor, y: torch.Tensor, kind
             schedule.step(target=yb, losses=[])
         else:
             schedule.step()
+        s0 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        timed.clock.total += time.perf_counter() - s0
     wall = time.perf_counter() - t0
-    return {"wall": wall, "samples": iters * batch, "microbatches": iters * M, "updates": iters}
+    timed.clock.total = timed.clock.total if not warmup else 0.0
+    return {"wall": wall, "compute": timed.clock.total, "samples": iters * batch}
 
 
 def _rank(rank: int, world: int, port: int, args: Any, out: str) -> None:
@@ -139,8 +165,6 @@ def _rank(rank: int, world: int, port: int, args: Any, out: str) -> None:
     comm = PipelineComm.from_env(timeout=120)
     x, y = data(args.samples, args.width)
     res: dict[str, Any] = {}
-    module = stage_modules(make_model(world, args.width), world)[rank]
-    res["costs"] = isolated_costs(module, rank, world, args.micro_batch, args.width)
     # warm-up (allocations, first-call costs), then the timed runs in turn
     _pb(comm, args, x[: 4 * args.micro_batch * world], y[: 4 * args.micro_batch * world])
     for kind in ("gpipe", "1f1b"):
@@ -170,12 +194,10 @@ def bench(world: int, args: Any, out: Path) -> list[dict[str, Any]]:
     for name, label in (("pb", "pipeprop PB (async)"), ("gpipe", "torch ScheduleGPipe"), ("1f1b", "torch Schedule1F1B")):
         wall = max(r[name]["wall"] for r in ranks)
         samples = ranks[0][name]["samples"]
-        # compute = the rank's work priced at its stand-alone cost (same yardstick for every schedule)
-        busy = [(r[name]["microbatches"] * r["costs"][0] + r[name]["updates"] * r["costs"][1]) / r[name]["wall"] for r in ranks]
-        measured = [r[name]["compute"] / r[name]["wall"] for r in ranks] if name == "pb" else None
+        busy = [r[name]["compute"] / r[name]["wall"] for r in ranks]
         rows.append({
             "P": world, "schedule": label, "samples": samples, "samples_per_s": samples / wall,
-            "busy": busy, "busy_measured": measured, "bubble": 0.0 if name == "pb" else bubble,
+            "busy": busy, "bubble": 0.0 if name == "pb" else bubble,
         })
     return rows
 
@@ -199,12 +221,11 @@ def main() -> None:
             rows += bench(world, args, Path(tmp))
     print(f"\nMLP width {args.width}, micro-batch b={args.micro_batch}, M={args.chunks} micro-batches per "
           f"GPipe/1F1B step, {args.samples} samples, gloo on CPU, torch {torch.__version__}, {os.cpu_count()} CPUs\n")
-    print("| P=S | schedule | samples/s | busy fraction per rank (work at stand-alone cost / wall) | PB engine's own compute/wall | analytic bubble (S-1)/(M+S-1) |")
-    print("|---|---|---:|---|---|---:|")
+    print("| P=S | schedule | samples/s | busy fraction per rank (compute/wall) | analytic bubble (S-1)/(M+S-1) |")
+    print("|---|---|---:|---|---:|")
     for r in rows:
         busy = ", ".join(f"{v:.2f}" for v in r["busy"])
-        measured = ", ".join(f"{v:.2f}" for v in r["busy_measured"]) if r["busy_measured"] else "–"
-        print(f"| {r['P']} | {r['schedule']} | {r['samples_per_s']:.0f} | {busy} | {measured} | {r['bubble']:.3f} |")
+        print(f"| {r['P']} | {r['schedule']} | {r['samples_per_s']:.0f} | {busy} | {r['bubble']:.3f} |")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
 

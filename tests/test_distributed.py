@@ -293,3 +293,18 @@ def test_launch_checkpoint_resume_equals_simulator(tmp_path: Path) -> None:
         assert torch.equal(final[key], want), f"{key}: resumed distributed run differs from the simulator"
     assert second["losses"] == losses
     assert json.loads((out / "result.json").read_text())["assignment"] == second["assignment"]
+
+
+def test_assignment_balances_estimated_cost() -> None:
+    from pipeprop.distributed import balance_stages, stage_costs
+
+    assert balance_stages([4.0, 1.0, 1.0, 1.0, 1.0], 2) == [range(0, 1), range(1, 5)]
+    assert balance_stages([1.0, 1.0, 1.0, 1.0], 4) == [range(i, i + 1) for i in range(4)]
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)).double()
+    stages = pipeprop.partition(model).stages
+    before = model[1].running_mean.clone()
+    costs = stage_costs(stages, "flops", torch.randn(3, 8, dtype=torch.float64))
+    assert costs[0] == pytest.approx(2 * 3 * 8 * 32 + 3 * 32)  # matmul FLOPs + output elements
+    assert torch.equal(model[1].running_mean, before), "estimating costs must not touch buffers"
+    with pytest.raises(ValueError, match="only 2 pipeline stages"):
+        balance_stages([1.0, 1.0], 3)
