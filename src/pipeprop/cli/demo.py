@@ -32,12 +32,12 @@ class DemoResult:
 
 
 def deep_mlp(depth: int, width: int, in_features: int = 64, num_classes: int = 10, seed: int = 0) -> nn.Sequential:
-    """Flatten > [Linear > LayerNorm > ReLU] x (depth-1) > Linear, He-initialised: ``depth`` PB stages."""
+    """Flatten > [Linear > ReLU] x (depth-1) > Linear, He-initialised: ``depth`` PB stages."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Flatten()]
     fan_in = in_features
     for _ in range(depth - 1):
-        layers += [nn.Linear(fan_in, width), nn.LayerNorm(width), nn.ReLU()]
+        layers += [nn.Linear(fan_in, width), nn.ReLU()]
         fan_in = width
     layers.append(nn.Linear(fan_in, num_classes))
     for m in layers:
@@ -117,9 +117,9 @@ def plot_curves(results: Sequence[DemoResult], path: Path, title: str) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results/demo"), show_default=True,
               help="Folder for the table, the JSON results and the plot.")
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True, help="Comma-separated method names.")
-@click.option("--depth", type=click.IntRange(2, 64), default=10, show_default=True, help="Layers = pipeline stages.")
+@click.option("--depth", type=click.IntRange(2, 64), default=8, show_default=True, help="Layers = pipeline stages.")
 @click.option("--width", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--lr", type=float, default=0.002, show_default=True, help="Learning rate (batch size 1).")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate (batch size 1).")
 @click.option("--momentum", type=float, default=0.99, show_default=True)
 @click.option("--epochs", type=float, default=2.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
