@@ -49,8 +49,13 @@ class AnalysisConfig:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
         if self.grid < 2:
             raise ValueError(f"grid must be >= 2, got {self.grid}")
-        if min(self.curve_delays, default=0) < 0 or self.heatmap_max_delay < 0:
+        if min(self.curve_delays, default=0) < 0 or self.heatmap_delay < 0 or self.quadratic_delay < 0:
             raise ValueError("delays must be >= 0")
+        if self.heatmap_max_delay < 1:
+            raise ValueError(f"the (ηλ, D) heatmap needs a largest delay >= 1, got {self.heatmap_max_delay}")
+        lo, hi = self.lr_lambda_range
+        if not 0.0 < lo < hi:
+            raise ValueError(f"the ηλ range needs 0 < min < max, got {self.lr_lambda_range}")
 
 
 def _plt():

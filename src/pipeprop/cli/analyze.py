@@ -32,6 +32,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--quadratic-delay", type=int, default=8, show_default=True, help="Delay of the multi-eigenvalue quadratic.")
 @click.option("--bridge-stages", type=int, default=4, show_default=True,
               help="Stages of the linear pipeline run through the real simulator (delay 2(S-1)).")
+@click.option("--lr-range", default="1e-4,4", show_default=True,
+              help="ηλ axis of the curves and heatmaps: MIN,MAX (log-spaced; lower it for momentum near 1).")
 @click.option("--lwp-mode", type=click.Choice(["linear", "momentum-decay"]), default="linear", show_default=True,
               help="LWP extrapolation: T·η·v or the momentum-decayed sum.")
 @click.option("--parts", default="rates,heatmaps,boundary,quadratic,bridge", show_default=True,
@@ -39,7 +41,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def analyze(out_dir, momentum, methods, heatmap_methods, delays, max_delay, heatmap_delay, grid, quadratic_delay,
-            bridge_stages, lwp_mode, parts, seed, no_progress) -> None:
+            bridge_stages, lr_range, lwp_mode, parts, seed, no_progress) -> None:
     """Convergence rate and stability of delayed SGD with momentum on a quadratic, per mitigation.
 
     Writes rate_vs_lr, heatmap_lr_delay, heatmap_lr_momentum, max_stable_lr, quadratic_loss and bridge
@@ -53,15 +55,17 @@ def analyze(out_dir, momentum, methods, heatmap_methods, delays, max_delay, heat
     torch.set_num_threads(1)  # the bridge's model is tiny; extra threads only spin on a shared machine
 
     split = lambda s: tuple(v.strip() for v in s.split(",") if v.strip())  # noqa: E731
-    if max_delay < 0 or heatmap_delay < 0 or quadratic_delay < 0:
-        raise click.BadParameter("delays must be >= 0")
+    try:
+        lr_lo, lr_hi = (float(v) for v in lr_range.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{lr_range!r} is not MIN,MAX, e.g. 1e-4,4", param_hint="--lr-range") from None
     if bridge_stages < 1:
         raise click.BadParameter("--bridge-stages must be >= 1")
     try:
         cfg = AnalysisConfig(
             momentum=momentum, methods=split(methods), heatmap_methods=split(heatmap_methods),
             curve_delays=_int_list(delays), heatmap_max_delay=max_delay, heatmap_delay=heatmap_delay, grid=grid,
-            quadratic_delay=quadratic_delay, bridge_stages=bridge_stages, seed=seed,
+            quadratic_delay=quadratic_delay, bridge_stages=bridge_stages, seed=seed, lr_lambda_range=(lr_lo, lr_hi),
             options={"lwp_mode": lwp_mode},
         )
         start = time.perf_counter()
