@@ -29,6 +29,8 @@ class ReferenceOnlineNorm:
         self.gamma = gamma if gamma is not None else torch.ones(c, dtype=torch.float64)
         self.beta = beta if beta is not None else torch.zeros(c, dtype=torch.float64)
         self.saved = []
+        self.grad_gamma = torch.zeros(c, dtype=torch.float64)
+        self.grad_beta = torch.zeros(c, dtype=torch.float64)
 
     def forward(self, x):  # x: [C, *spatial]
         c = x.shape[0]
@@ -63,6 +65,8 @@ class ReferenceOnlineNorm:
             g = g_out * ((z >= -self.clamp) & (z <= self.clamp)).to(g_out.dtype)
         else:
             g = g_out
+        self.grad_gamma = self.grad_gamma + (g * y).reshape(g.shape[0], -1).sum(1)
+        self.grad_beta = self.grad_beta + g.reshape(g.shape[0], -1).sum(1)
         g = g * self.gamma.view((-1,) + (1,) * (g.dim() - 1))
         dx = torch.empty_like(g)
         for ch in range(g.shape[0]):
@@ -107,6 +111,8 @@ def test_online_norm_matches_reference_over_a_stream(ecm, shape):
     torch.testing.assert_close(mod.running_var, torch.tensor(ref.var, dtype=torch.float64))
     torch.testing.assert_close(mod.u, torch.tensor(ref.u, dtype=torch.float64))
     torch.testing.assert_close(mod.v, torch.tensor(ref.v, dtype=torch.float64))
+    torch.testing.assert_close(mod.weight.grad, ref.grad_gamma, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mod.bias.grad, ref.grad_beta, rtol=1e-10, atol=1e-10)
     assert mod.u.abs().sum() > 0 and mod.v.abs().sum() > 0  # the control terms were exercised
     if ecm == "ac":
         assert clipped > 0  # the clamp was exercised
@@ -123,6 +129,37 @@ def test_online_norm_batch_is_a_loop_over_samples_with_default_decays():
         torch.testing.assert_close(out.detach(), expect, rtol=1e-10, atol=1e-10)
         out.backward(torch.stack(gs))
         torch.testing.assert_close(x.grad, torch.stack([ref.backward(gi) for gi in gs]), rtol=1e-10, atol=1e-10)
+
+
+def test_online_norm_backward_uses_the_live_affine_weight():
+    """Under the simulator's weight swap the forward uses the stale gamma, the backward the live one."""
+    torch.manual_seed(4)
+    mod = OnlineNorm(3, alpha_fwd=0.9, alpha_bkw=0.8, ecm="none").double()
+    ref = OnlineNorm(3, alpha_fwd=0.9, alpha_bkw=0.8, ecm="none").double()
+    live_w = torch.tensor([0.5, 1.5, -2.0], dtype=torch.float64)
+    stale_w = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    bias = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    with torch.no_grad():
+        for m in (mod, ref):
+            m.weight.copy_(live_w)
+            m.bias.copy_(bias)
+    for _ in range(3):
+        x = torch.randn(1, 3, 2, 2, dtype=torch.float64)
+        g = torch.randn(1, 3, 2, 2, dtype=torch.float64)
+        xa = x.clone().requires_grad_(True)
+        stale = stale_w.clone()
+        with rebound_saved_weights({(0, 0): stale}, lambda s, i: mod.weight.data):
+            with swapped_weights([mod.weight], [stale]):
+                out = mod(xa)
+        xb = x.clone().requires_grad_(True)
+        out_ref = ref(xb)
+        y = (out_ref - bias.view(1, -1, 1, 1)) / live_w.view(1, -1, 1, 1)
+        torch.testing.assert_close(out.detach(), y.detach() * stale_w.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+        out.backward(g)
+        out_ref.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(mod.u, ref.u)
+    torch.testing.assert_close(mod.weight.grad, ref.weight.grad)
 
 
 def test_online_norm_state_is_in_state_dict_and_eval_uses_running_stats():

@@ -14,7 +14,7 @@ scaling (``"ls"``), activation clamping (``"ac"``) or nothing (``"none"``). See 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,19 +25,54 @@ ECM_CHOICES = ("ls", "ac", "none")
 
 
 class OnlineNormFunction(torch.autograd.Function):
-    """``y = (x - m) / sqrt(var + eps)`` per sample and channel, with the running state in ``module``."""
+    """The training-mode layer: normalization with the state in ``module``, affine, and the ECM, fused.
+
+    The affine ``weight`` is saved as an input (not a derived tensor), so a pipeline engine that rebinds
+    saved weights (pipeprop's simulator) makes the backward pass use the weights it chooses.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, module: "OnlineNorm") -> Tensor:  # type: ignore[override]
-        y, scale = module._normalize_and_update(x)
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], module: "OnlineNorm") -> Tensor:  # type: ignore[override]
+        y, scales = module._normalize_and_update(x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        z = torch.addcmul(bias.view(shape), y, weight.view(shape)) if weight is not None else y
+        ecm_saved: Optional[Tensor] = None
+        ls_scale: Optional[Tensor] = None
+        if module.ecm == "ls":
+            dims = tuple(range(1, x.dim()))
+            ls_scale = torch.sqrt(z.pow(2).mean(dim=dims, keepdim=True) + module.eps)
+            out = z / ls_scale
+            ecm_saved = out
+        elif module.ecm == "ac":
+            ecm_saved = z.abs() <= module.clamp
+            out = torch.clamp(z, -module.clamp, module.clamp)
+        else:
+            out = z if z is not y else y.clone()
         ctx.module = module
-        ctx.save_for_backward(y, scale)
-        return y
+        ctx.save_for_backward(y, scales, weight, ecm_saved, ls_scale)
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        y, scale = ctx.saved_tensors
-        return ctx.module._correct_gradient(grad_y, y, scale), None
+    def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
+        y, scales, weight, ecm_saved, ls_scale = ctx.saved_tensors
+        module: OnlineNorm = ctx.module
+        if module.ecm == "ls":
+            dims = tuple(range(1, grad_out.dim()))
+            proj = (grad_out * ecm_saved).mean(dim=dims, keepdim=True)
+            grad_z = (grad_out - proj * ecm_saved) / ls_scale
+        elif module.ecm == "ac":
+            grad_z = grad_out * ecm_saved
+        else:
+            grad_z = grad_out
+        grad_w = grad_b = None
+        if weight is not None:
+            reduce = (0,) + tuple(range(2, grad_z.dim()))
+            if ctx.needs_input_grad[1]:
+                grad_w = (grad_z * y).sum(dim=reduce)
+            if ctx.needs_input_grad[2]:
+                grad_b = grad_z.sum(dim=reduce)
+            grad_z = grad_z * weight.view((1, -1) + (1,) * (grad_z.dim() - 2))
+        return module._correct_gradient(grad_z, y, scales), grad_w, grad_b, None
 
 
 def layer_scale(x: Tensor, eps: float) -> Tensor:
@@ -153,14 +188,10 @@ class OnlineNorm(nn.Module):
                 f"OnlineNorm({self.num_features}) needs input [N, {self.num_features}, ...], got {tuple(x.shape)}"
             )
         if self.training:
-            y = OnlineNormFunction.apply(x, self)
-        else:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = (x - self.running_mean.to(x.dtype).view(shape)) / torch.sqrt(
-                self.running_var.to(x.dtype).view(shape) + self.eps
-            )
+            return OnlineNormFunction.apply(x, self.weight, self.bias, self)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - self.running_mean.to(x.dtype).view(shape)) / torch.sqrt(self.running_var.to(x.dtype).view(shape) + self.eps)
         if self.weight is not None:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
             y = y * self.weight.view(shape) + self.bias.view(shape)
         if self.ecm == "ls":
             y = layer_scale(y, self.eps)

@@ -14,16 +14,30 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 __all__ = ["standardize_weight", "WSConv2d", "WSLinear"]
 
 
+def _standardize(weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(w_hat, std)``: the standardized weight and the per-output-channel ``sqrt(var + eps)`` [O, 1]."""
+    flat = weight.reshape(weight.shape[0], -1)
+    var, mean = torch.var_mean(flat, dim=1, unbiased=False, keepdim=True)
+    std = torch.sqrt(var + eps)
+    return ((flat - mean) / std).reshape(weight.shape), std
+
+
+def _standardize_backward(grad_w_hat: Tensor, w_hat: Tensor, std: Tensor) -> Tensor:
+    """Gradient through the standardization: ``(g - mean(g) - w_hat * mean(g * w_hat)) / std`` per channel."""
+    g = grad_w_hat.reshape(grad_w_hat.shape[0], -1)
+    wh = w_hat.reshape(w_hat.shape[0], -1)
+    out = (g - g.mean(dim=1, keepdim=True) - wh * (g * wh).mean(dim=1, keepdim=True)) / std
+    return out.reshape(grad_w_hat.shape)
+
+
 def standardize_weight(weight: Tensor, eps: float = 1e-5) -> Tensor:
     """Zero mean, unit (biased) variance per output channel (dimension 0)."""
-    flat = weight.reshape(weight.shape[0], -1)
-    mean = flat.mean(dim=1, keepdim=True)
-    var = flat.var(dim=1, unbiased=False, keepdim=True)
-    return ((flat - mean) / torch.sqrt(var + eps)).reshape(weight.shape)
+    return _standardize(weight, eps)[0]
 
 
 class _WSConv2dFunction(torch.autograd.Function):
@@ -36,17 +50,16 @@ class _WSConv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            w = weight.detach().requires_grad_(True)
-            w_hat = standardize_weight(w, ctx.eps)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, w_hat.detach(), grad_out, **ctx.conv)
-        if ctx.needs_input_grad[1]:
-            grad_w_hat = torch.nn.grad.conv2d_weight(x, w_hat.shape, grad_out, **ctx.conv)
-            (grad_w,) = torch.autograd.grad(w_hat, w, grad_w_hat)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum(dim=(0, 2, 3))
+        w_hat, std = _standardize(weight.detach(), ctx.eps)
+        conv = ctx.conv
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        grad_x, grad_w_hat, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, x, w_hat, [w_hat.shape[0]] if need_b else None,
+            _pair(conv["stride"]), _pair(conv["padding"]), _pair(conv["dilation"]), False, [0, 0], conv["groups"],
+            [need_x, need_w, need_b],
+        )
+        grad_w = _standardize_backward(grad_w_hat, w_hat, std) if need_w else None
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -60,15 +73,13 @@ class _WSLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            w = weight.detach().requires_grad_(True)
-            w_hat = standardize_weight(w, ctx.eps)
+        w_hat, std = _standardize(weight.detach(), ctx.eps)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ w_hat.detach()
+            grad_x = grad_out @ w_hat
         if ctx.needs_input_grad[1]:
             grad_w_hat = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-            (grad_w,) = torch.autograd.grad(w_hat, w, grad_w_hat)
+            grad_w = _standardize_backward(grad_w_hat, w_hat, std)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
         return grad_x, grad_w, grad_b, None
