@@ -55,6 +55,7 @@ def literal_run(method: str, lam: np.ndarray, lr: float, m: float, D: int, steps
     Returns live weights w_0..w_steps and the forward weights used at each step (vectorized over lam)."""
     sc, lwp, nest = "sc" in method, "lwp" in method, "nesterov" in method
     a, b = (m**D, (1 - m**D) / (1 - m)) if sc else (1.0, 0.0)
+    shrink = 0.98**D if method == "pb+shrink" else 1.0  # GradientShrinkSGD's default power rule
     w = np.array(w0, dtype=float) * np.ones_like(lam)
     v = np.zeros_like(w)
     versions = [w.copy()]  # forward weights of versions 0, 1, ...
@@ -62,7 +63,7 @@ def literal_run(method: str, lam: np.ndarray, lr: float, m: float, D: int, steps
     for t in range(steps):
         f = versions[max(0, t - D)]
         fs.append(f)
-        g = lam * f
+        g = shrink * lam * f
         v = m * v + g
         if nest:
             w = w - lr * (g + m * v)
@@ -219,7 +220,7 @@ def test_quadratic_loss_curve_matches_literal_loop() -> None:
 
 
 # ----------------------------------------------------------------------------------------- bridge
-@pytest.mark.parametrize("method", ("pb", "pb+sc", "pb+lwp", "pb+sc+lwp", "pb+nesterov"))
+@pytest.mark.parametrize("method", ("pb", "pb+sc", "pb+lwp", "pb+sc+lwp", "pb+nesterov", "pb+shrink"))
 def test_simulator_bridge_matches_the_recurrence(method: str) -> None:
     problem = make_problem(num_stages=3, seed=2)  # float64 model; the trained first layer has delay 4
     res = run_bridge(problem, method, lr=0.02, momentum=0.9, steps=80)
