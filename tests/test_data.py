@@ -195,6 +195,22 @@ def test_extract_archive_once(tmp_path):
     assert extract_archive(archive, tmp_path / "cache") == out and (out / "thing" / "marker").exists()
 
 
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_damaged_archive_is_detected(tmp_path, damage):
+    archive = tmp_path / "thing.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        data = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+        info = tarfile.TarInfo("thing/blob")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    raw = archive.read_bytes()
+    bad = raw[: len(raw) // 2] if damage == "truncate" else raw[:5000] + bytes(64) + raw[5064:]
+    archive.write_bytes(bad)
+    with pytest.raises(CorruptDatasetError, match="thing.tar.gz is not a readable"):
+        extract_archive(archive, tmp_path / "cache")
+    assert not any((tmp_path / "cache" / "extracted").iterdir())  # nothing half-extracted left
+
+
 def _idx_bytes(arr: np.ndarray) -> bytes:
     header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
     return header + arr.astype(np.uint8).tobytes()

@@ -9,11 +9,13 @@ may be read-only).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import shutil
 import tarfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -117,6 +119,13 @@ def download(remote: RemoteFile, dest_dir: Path, *, timeout: float = 60.0) -> Pa
     raise DatasetNotFoundError(f"could not download {remote.name}: " + "; ".join(errors))
 
 
+def _check_gzip(path: Path, chunk: int = 1 << 22) -> None:
+    """Read a gzip stream to its end, so that its CRC and length are verified (corrupt bytes raise)."""
+    with gzip.open(path, "rb") as f:
+        while f.read(chunk):
+            pass
+
+
 def extract_archive(archive: Path, cache: Path) -> Path:
     """Extract a ``.tar.gz`` once into ``<cache>/extracted/<archive>-<key>/``; returns that folder.
 
@@ -133,12 +142,14 @@ def extract_archive(archive: Path, cache: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        if archive.name.endswith(("gz", ".tgz")):
+            _check_gzip(archive)
         with tarfile.open(archive, "r:*") as tar:
             try:
                 tar.extractall(tmp, filter="data")
             except TypeError:  # pragma: no cover - Python without extraction filters
                 tar.extractall(tmp)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, PermissionError):
             raise
