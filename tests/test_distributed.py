@@ -157,6 +157,7 @@ def _fault_job(comm: PipelineComm, out: str, kind: str, bad_rank: int, at_step: 
 
 
 # ---------------------------------------------------------------------------------------------- equivalence
+@pytest.mark.slow
 def test_distributed_equals_simulator(tmp_path: Path) -> None:
     codes = run_procs(_equivalence_job, 4, tmp_path, timeout=60.0)
     errors = {r: read_error(tmp_path, r)[1] for r in range(4) if Path(tmp_path, f"err{r}.txt").exists()}
@@ -187,6 +188,7 @@ def check_against_simulator(ranks: list[dict[str, Any]], references: dict) -> No
 
 
 # ---------------------------------------------------------------------------------------------- faults
+@pytest.mark.slow
 def test_rank_that_raises_ends_every_rank(tmp_path: Path) -> None:
     timeout = 20.0  # the failure is noticed by the broken connection, long before the timeout
     codes = run_procs(_fault_job, 2, tmp_path, timeout=timeout, args=("raise", 0, 6), limit=90)
@@ -199,6 +201,7 @@ def test_rank_that_raises_ends_every_rank(tmp_path: Path) -> None:
     assert when - fault_time < timeout, "the neighbour of a crashed rank must fail within the timeout"
 
 
+@pytest.mark.slow
 def test_rank_that_hangs_ends_every_other_rank(tmp_path: Path) -> None:
     timeout = 5.0
     codes = run_procs(_fault_job, 3, tmp_path, timeout=timeout, args=("hang", 1, 6), limit=60, hanging=(1,))
@@ -236,6 +239,7 @@ def test_bad_configuration_is_rejected_before_any_process_starts(tmp_path: Path)
     assert not (tmp_path / "a" / "result.json").exists()
 
 
+@pytest.mark.slow
 def test_rank_with_bad_configuration_exits_without_waiting(tmp_path: Path) -> None:
     """A rank launched into a world larger than the pipeline fails at once, without joining the group."""
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -267,6 +271,7 @@ def test_engine_rejects_delays_it_cannot_realize() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- torchrun, checkpoint, resume
+@pytest.mark.slow
 def test_launch_checkpoint_resume_equals_simulator(tmp_path: Path) -> None:
     """`launch` (torchrun): stop after step 9 with checkpoints, resume, and match the uninterrupted simulator."""
     from pipeprop.data import MicroBatchStream, load_digits
