@@ -29,6 +29,7 @@ __all__ = [
     "md5sum",
     "download",
     "extract_archive",
+    "missing",
 ]
 
 

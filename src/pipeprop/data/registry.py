@@ -13,7 +13,8 @@ from typing import Any, Optional
 from .cifar import CIFAR10, CIFAR100, CifarLayout, find_cifar, read_cifar
 from .dataset import ImageDataset
 from .digits import load_digits
-from .files import CorruptDatasetError, DatasetNotFoundError, cache_dir as default_cache_dir, download, search_roots
+from .files import CorruptDatasetError, DatasetNotFoundError, cache_dir as default_cache_dir, search_roots
+from .files import download as download_file
 from .folder import read_image_folder
 from .mnist import FASHION_MNIST, IDX_FILES, MNIST, NPZ_10K, IdxLayout, find_idx_files, read_idx_dataset, read_mnist_10k
 
@@ -45,7 +46,7 @@ def _load_cifar(layout: CifarLayout, roots: list[tuple[Path, bool]], cache: Path
             f"Pass data_dir= (--data-dir) pointing at a folder holding one of them, or allow downloading."
         )
     try:
-        download(layout.archive, cache)
+        download_file(layout.archive, cache)
     except DatasetNotFoundError as err:
         raise DatasetNotFoundError(
             f"{layout.name} is in none of {_places(roots)} and {err}. Download {layout.archive.urls[0]} by hand and "
@@ -80,7 +81,7 @@ def _load_idx(layout: IdxLayout, roots: list[tuple[Path, bool]], cache: Path, al
     try:
         for remote in layout.remotes:
             if not (target / remote.name).is_file():
-                download(remote, target)
+                download_file(remote, target)
     except DatasetNotFoundError as err:
         raise DatasetNotFoundError(
             f"{layout.name} not found ({what}) and {err}. Put the 4 idx files in a folder "
