@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="NAME|FILE", help="named config or TOML file (as pipeprop train)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="set any config key")
     for opt, key, typ, text in EXPERIMENT_OPTIONS:
-        p.add_argument(opt, dest=f"exp_{key}", type=typ, default=None, help=text)
+        p.add_argument(opt, dest=f"exp_{key}", type=typ, default=None, metavar=key.upper(), help=text)
     p.add_argument("--out", default="runs/distributed", help="output folder (results, model, checkpoints)")
     p.add_argument("--backend", default="auto", help="gloo, nccl or auto (nccl on cuda, else gloo)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a neighbour before failing")
