@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from typing import Any, Callable, Optional
@@ -17,8 +18,24 @@ __all__ = ["build_dataset", "build_model", "build_augment", "ModelFactory"]
 ModelFactory = Callable[..., nn.Module]
 
 
+_CACHE: dict[str, ImageDataset] = {}
+
+
 def build_dataset(config: ExperimentConfig) -> ImageDataset:
-    """The config's data set, cut to ``train_subset``/``test_subset`` examples."""
+    """The config's data set, cut to ``train_subset``/``test_subset`` examples (loaded once per process)."""
+    key = repr((config.dataset.lower(), config.data_dir, sorted(config.data_options.items())))
+    if key not in _CACHE:
+        _CACHE.clear()  # keep at most one data set in memory
+        _CACHE[key] = _load(config)
+    data = dataclasses.replace(_CACHE[key])
+    if config.train_subset is not None:
+        data.train = data.train.subset(config.train_subset)
+    if config.test_subset is not None:
+        data.test = data.test.subset(config.test_subset)
+    return data
+
+
+def _load(config: ExperimentConfig) -> ImageDataset:
     try:
         from ..data import load_dataset
     except ImportError:  # pragma: no cover - older installs without the data registry
@@ -27,10 +44,6 @@ def build_dataset(config: ExperimentConfig) -> ImageDataset:
         data = load_digits()
     else:
         data = load_dataset(config.dataset, data_dir=config.data_dir, **config.data_options)
-    if config.train_subset is not None:
-        data.train = data.train.subset(config.train_subset)
-    if config.test_subset is not None:
-        data.test = data.test.subset(config.test_subset)
     return data
 
 

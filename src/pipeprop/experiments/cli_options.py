@@ -34,6 +34,7 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--samples", "samples", int, "training length in samples (overrides --epochs)"),
     ("--partition", "partition", str, "stages: layer, block or a number"),
     ("--device", "device", str, "cpu or cuda"),
+    ("--threads", "num_threads", int, "torch CPU threads (1 is fastest for b=1 on a shared machine)"),
     ("--eval-every", "eval_every", int, "evaluate every N samples"),
     ("--checkpoint-every", "checkpoint_every", int, "checkpoint every N samples (default: at each evaluation)"),
 ]

@@ -33,7 +33,7 @@ DEFAULT_METHODS = ("sgd", "pb", "pb+sc", "pb+lwp", "pb+sc+lwp")
 
 #: keys that only steer how a run is executed or logged; changing them does not change its results
 RUN_CONTROL_KEYS = frozenset(
-    {"checkpoint_every", "progress", "methods", "seeds", "description", "scale", "name", "est_sample_seconds", "device"}
+    {"checkpoint_every", "progress", "methods", "seeds", "description", "scale", "name", "est_sample_seconds", "device", "num_threads"}
 )
 
 
@@ -77,6 +77,7 @@ class ExperimentConfig:
     # execution
     seed: int = 0
     device: str = "cpu"
+    num_threads: Optional[int] = None  # torch intra-op threads (1 is fastest for b=1 on a shared CPU)
     eval_every: Optional[int] = None  # samples; default: 20 evaluations per run
     eval_batch: int = 500
     checkpoint_every: Optional[int] = None  # samples; default: at every evaluation

@@ -107,6 +107,8 @@ class Runner:
     # ------------------------------------------------------------------ construction
     def setup(self) -> "Runner":
         cfg = self.config
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
