@@ -53,9 +53,14 @@ def make_model(name: str) -> nn.Sequential:
 
 
 def make_batches(name: str, n: int = MICROBATCHES) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Micro-batches of varying size (2, 1, 3, ...): message shapes change from step to step."""
     g = torch.Generator().manual_seed(1)
-    shape = (2, 16) if name == "mlp" else (2, 1, 6, 6)
-    return [(torch.randn(*shape, generator=g, dtype=torch.float64), torch.randint(0, 5, (2,), generator=g)) for _ in range(n)]
+    out = []
+    for i in range(n):
+        b = (2, 1, 3)[i % 3]
+        shape = (b, 16) if name == "mlp" else (b, 1, 6, 6)
+        out.append((torch.randn(*shape, generator=g, dtype=torch.float64), torch.randint(0, 5, (b,), generator=g)))
+    return out
 
 
 def simulator_reference(name: str, method: str) -> tuple[list[list[torch.Tensor]], list[float]]:
