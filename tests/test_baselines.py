@@ -94,6 +94,16 @@ def test_pipemare_composes_with_scheduler_and_weight_decay():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)  # the group's lr is never rewritten
 
 
+def test_pipemare_factor_also_scales_weight_prediction():
+    p = _param([1.0])
+    opt = PipeMare([{"params": [p], "delay": 4}], lr=0.1, pipemare_warmup_steps=10, weight_prediction=True,
+                   discrepancy_correction=False)
+    _step(opt, [p], [[1.0]])  # k = 0: lr 0.1 / 4; v = 1
+    _close(p, [1.0 - 0.025])
+    # k = 1: the predicted forward weights move along the stage's current effective lr 0.1 * 4^-0.9
+    _close(opt.forward_weights(opt.param_groups[0])[0], [0.975 - 0.1 * 4**-0.9 * 4 * 1.0])
+
+
 # ----------------------------------------------------------------------------- SpecTrain
 def test_spectrain_horizons_and_predictions_by_hand():
     a, b = _param([1.0, 2.0]), _param([-1.0])

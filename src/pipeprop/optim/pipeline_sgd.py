@@ -174,13 +174,14 @@ class PipelineSGD(PipelineOptimizer):
         if self.forward_uses_live_weights(group):
             return super().forward_weights(group, out)
         coef = lwp_coefficient(group["momentum"], self._lwp_horizon(group), group["lwp_mode"])
-        velocities = [self.state[p].get("momentum_buffer") for p in params]
+        velocities = [self._lwp_direction(group, p) for p in params]
         if out is None:
             out = [torch.empty_like(p) for p in params]
         torch._foreach_copy_(out, params)
         moving = [(o, v) for o, v in zip(out, velocities) if v is not None]
         if moving:
-            torch._foreach_add_([o for o, _ in moving], [v for _, v in moving], alpha=-group["lr"] * coef)
+            alpha = -self._group_lr(group) * coef
+            torch._foreach_add_([o for o, _ in moving], [v for _, v in moving], alpha=alpha)
         return out
 
     @torch.no_grad()

@@ -88,7 +88,7 @@ class AdaptiveBrakingSGD(PipelineSGD):
             return grads
         gs = [grads[i] for i in idx]
         vs = [velocities[i] for i in idx]
-        dots = torch.stack([torch.sum(g * v) for g, v in zip(gs, vs)])  # stays on the device: no sync
+        dots = torch.stack([torch.dot(g.reshape(-1), v.reshape(-1)) for g, v in zip(gs, vs)])  # on device: no sync
         g_norms = torch.stack(torch._foreach_norm(gs))
         v_norms = torch.stack(torch._foreach_norm(vs))
         eps, clip = group["ab_eps"], group["ab_clip"]

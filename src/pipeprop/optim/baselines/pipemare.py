@@ -137,23 +137,27 @@ class PipeMare(PipelineSGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        before: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] = []
+        # δ ← γ δ + (1 − γ)(w_new − w_old); the difference is taken exactly (no cancellation against |w|)
+        corrected: list[tuple[float, list[Tensor], list[Tensor], list[Tensor]]] = []
+        stepped: list[Tensor] = []
         for group in self.param_groups:
             params = [p for p in group_params(group) if p.grad is not None]
-            old = [p.detach().clone() for p in params] if group["discrepancy_correction"] else []
-            before.append((group, params, old))
-        super().step()
-        for group, params, old in before:
-            gamma = self._decay(group)
-            for i, p in enumerate(params):
+            stepped += params
+            if not group["discrepancy_correction"] or not params:
+                continue
+            deltas = []
+            for p in params:
                 st = self.state[p]
-                st["stage_step"] = int(st.get("stage_step", 0)) + 1
-                if not group["discrepancy_correction"]:
-                    continue
-                change = torch.sub(p, old[i])
-                delta = st.get("pipemare_delta")
-                if delta is None:
-                    st["pipemare_delta"] = change.mul_(1.0 - gamma)
-                else:
-                    delta.mul_(gamma).add_(change, alpha=1.0 - gamma)
+                if "pipemare_delta" not in st:
+                    st["pipemare_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                deltas.append(st["pipemare_delta"])
+            corrected.append((self._decay(group), params, [p.detach().clone() for p in params], deltas))
+        super().step()
+        for gamma, params, old, deltas in corrected:
+            change = torch._foreach_sub(params, old)
+            torch._foreach_mul_(deltas, gamma)
+            torch._foreach_add_(deltas, change, alpha=1.0 - gamma)
+        for p in stepped:
+            st = self.state[p]
+            st["stage_step"] = int(st.get("stage_step", 0)) + 1
         return loss
