@@ -343,3 +343,19 @@ def test_single_rank_pipeline_and_in_process_resume_equal_simulator(name: str) -
             for got, want in zip(slot.params, ref_params[slot.index], strict=True):
                 torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-13, msg=f"{name}/{method} stage {slot.index}")
         torch.testing.assert_close(torch.tensor(stats.losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)
+
+
+def test_every_registered_pipelined_method_matches_the_simulator_on_one_rank() -> None:
+    """Baseline mitigations (PipeMare, SpecTrain, ...) plug in through the same optimizer hooks."""
+    comm = PipelineComm(0, 1, timeout=5.0, device=torch.device("cpu"))
+    for method in pipeprop.available_methods():
+        if not pipeprop.get_method(method).pipelined:
+            continue
+        ref_params, ref_losses = simulator_reference("mlp", method)
+        engine = build_pipeline(make_model("mlp"), F.cross_entropy, comm=comm, method=method, lr=LR, momentum=MOMENTUM,
+                                weight_decay=WD, assignment="uniform")
+        stats = engine.run(make_batches("mlp"), MICROBATCHES)
+        for slot in engine.slots:
+            for got, want in zip(slot.params, ref_params[slot.index], strict=True):
+                torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-13, msg=f"{method} stage {slot.index}")
+        torch.testing.assert_close(torch.tensor(stats.losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)

@@ -16,7 +16,6 @@ from .engine import DistributedPipeline
 
 __all__ = ["build_pipeline", "check_method"]
 
-BACKENDS = ("gloo", "nccl")
 
 
 def check_method(method: str, delay_offset: int = 0) -> None:
