@@ -6,12 +6,13 @@ Reports test accuracy after the epoch and training throughput (samples/s):
   ``pipeprop.build_simulator(method="sgd")`` (delays 0 = plain SGD with momentum), with the standard
   augmentation (4-pixel pad + random crop + flip), linear warm-up then cosine decay of the learning rate;
 * batch-size-one throughput is measured on ``--b1-samples`` samples for plain PyTorch SGD, the simulator
-  with ``method="sgd"`` and with ``method="pb"`` (20 stages, stale forward weights), in the same run, so the
-  ratios are comparable even on a busy machine.
+  with ``method="sgd"`` and with ``method="pb"`` (20 stages, stale forward weights), interleaved in chunks
+  of 10 samples on one thread, so the ratios are comparable even on a busy machine.
 
-Run (about half an hour on 2 CPU cores)::
+Run (about half an hour on 2 CPU cores; ``--epochs 0`` measures only batch size one)::
 
     python benchmarks/bench_cifar_resnet20.py --data-dir ../shared/data --out benchmarks/results/cifar_resnet20.json
+    python benchmarks/bench_cifar_resnet20.py --data-dir ../shared/data --epochs 0 --b1-samples 510
 """
 
 from __future__ import annotations
@@ -43,40 +44,41 @@ def evaluate(model: torch.nn.Module, dataset, batch: int = 500) -> float:
     return correct / len(dataset.test)
 
 
-def b1_throughput(dataset, n: int, seed: int) -> dict:
-    """Samples/s at batch size one: plain PyTorch SGD vs the simulator (sgd and pb), same samples."""
+def b1_throughput(dataset, n: int, seed: int, chunk: int = 10) -> dict:
+    """Samples/s at batch size one: plain PyTorch SGD vs the simulator (sgd and pb), same samples.
+
+    The three run interleaved, ``chunk`` samples at a time, so a change in machine load affects all alike.
+    """
     torch.manual_seed(seed)
     base = models.get("resnet20", norm="gn")
     batches = list(MicroBatchStream(dataset, batch_size=1, epochs=n / len(dataset.train), seed=seed, augment=augment))
-    out = {}
-
     warm, timed = batches[:10], batches[10:]
 
-    model = copy.deepcopy(base)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    plain = copy.deepcopy(base)
+    opt = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
 
     def plain_step(x, y):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(plain(x), y).backward()
         opt.step()
 
-    for x, y in warm:
-        plain_step(x, y)
-    start = time.perf_counter()
-    for x, y in timed:
-        plain_step(x, y)
-    out["plain_torch_sgd"] = len(timed) / (time.perf_counter() - start)
+    steppers = {"plain_torch_sgd": plain_step}
     for method in ("sgd", "pb"):
-        model = copy.deepcopy(base)
-        sim = pipeprop.build_simulator(model, F.cross_entropy, method=method, lr=1e-3, momentum=0.9)
+        sim = pipeprop.build_simulator(copy.deepcopy(base), F.cross_entropy, method=method, lr=1e-3, momentum=0.9)
+        steppers[f"simulator_{method}"] = sim.step
+    seconds = dict.fromkeys(steppers, 0.0)
+    for name, step in steppers.items():
         for x, y in warm:
-            sim.step(x, y)
-        start = time.perf_counter()
-        for x, y in timed:
-            sim.step(x, y)
-        out[f"simulator_{method}"] = len(timed) / (time.perf_counter() - start)
-    out["simulator_sgd_over_plain_time"] = out["plain_torch_sgd"] / out["simulator_sgd"]
-    out["simulator_pb_over_plain_time"] = out["plain_torch_sgd"] / out["simulator_pb"]
+            step(x, y)
+    for i in range(0, len(timed), chunk):
+        for name, step in steppers.items():
+            start = time.perf_counter()
+            for x, y in timed[i : i + chunk]:
+                step(x, y)
+            seconds[name] += time.perf_counter() - start
+    out = {name: len(timed) / sec for name, sec in seconds.items()}
+    out["simulator_sgd_over_plain_time"] = seconds["simulator_sgd"] / seconds["plain_torch_sgd"]
+    out["simulator_pb_over_plain_time"] = seconds["simulator_pb"] / seconds["plain_torch_sgd"]
     out["samples_timed"] = len(timed)
     return out
 
@@ -133,12 +135,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="folder with cifar-10-python.tar.gz (default: $PIPEPROP_DATA/cache)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, default=1.0, help="0: only the batch-size-one throughput")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--b1-samples", type=int, default=300, help="samples for the batch-size-one throughput (0: skip)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the epoch")
+    p.add_argument("--b1-threads", type=int, default=1, help="torch threads for the batch-size-one timings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=0, help="cap on the training time (0: none)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -148,9 +151,12 @@ def main() -> None:
     result: dict = {"model": "resnet20", "norm": "gn", "threads": args.threads, "torch": torch.__version__,
                     "args": vars(args)}
     if args.b1_samples:
+        torch.set_num_threads(args.b1_threads)
         result["b1"] = b1_throughput(dataset, args.b1_samples, args.seed)
+        torch.set_num_threads(args.threads)
         print(json.dumps({"b1": result["b1"]}, indent=1), flush=True)
-    result["epoch"] = train_epoch(dataset, args)
+    if args.epochs > 0:
+        result["epoch"] = train_epoch(dataset, args)
     result["load_average_at_end"] = os.getloadavg()
     print(json.dumps(result, indent=1))
     if args.out:
