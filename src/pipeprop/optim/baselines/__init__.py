@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ...methods import Method, get_method, register_method
 from ..pipeline_sgd import PipelineSGD
-from .braking import AdaptiveBrakingSGD, braking_factor
+from .braking import AdaptiveBrakingSGD
 from .pipemare import PipeMare, pipemare_decay, pipemare_lr_factor
 from .shrink import GradientShrinkSGD, shrink_factor
 from .spectrain import SpecTrain
@@ -22,7 +22,6 @@ __all__ = [
     "pipemare_lr_factor",
     "pipemare_decay",
     "shrink_factor",
-    "braking_factor",
 ]
 
 _METHODS = (

@@ -24,18 +24,9 @@ from torch import Tensor
 from ..pipeline_sgd import PipelineSGD
 from ._options import add_group_defaults
 
-__all__ = ["AdaptiveBrakingSGD", "braking_factor", "AB_SCOPES"]
+__all__ = ["AdaptiveBrakingSGD", "AB_SCOPES"]
 
 AB_SCOPES = ("tensor", "stage")
-
-
-def braking_factor(dot: float, g_norm: float, v_norm: float, rho: float, eps: float = 1e-8,
-                   clip: Optional[tuple[float, float]] = None) -> float:
-    """``1 − ρ <g, v>/(‖g‖ ‖v‖ + ε)``, optionally clipped to ``clip = (lo, hi)``."""
-    factor = 1.0 - rho * dot / (g_norm * v_norm + eps)
-    if clip is not None:
-        factor = min(max(factor, clip[0]), clip[1])
-    return factor
 
 
 class AdaptiveBrakingSGD(PipelineSGD):
@@ -89,7 +80,6 @@ class AdaptiveBrakingSGD(PipelineSGD):
         gs = [grads[i] for i in idx]
         vs = [velocities[i] for i in idx]
         dots = torch.stack([torch.dot(g.reshape(-1), v.reshape(-1)) for g, v in zip(gs, vs)])  # on device: no sync
-        g_norms = torch.stack(torch._foreach_norm(gs))
         v_norms = torch.stack(torch._foreach_norm(vs))
         eps, clip = group["ab_eps"], group["ab_clip"]
         if group["ab_scope"] == "stage":
@@ -98,6 +88,7 @@ class AdaptiveBrakingSGD(PipelineSGD):
             if clip is not None:
                 factor = factor.clamp(clip[0], clip[1])
             return list(torch._foreach_mul(grads, factor.to(grads[0].dtype)))
+        g_norms = torch.stack(torch._foreach_norm(gs))
         factors = 1.0 - rho * dots / (g_norms * v_norms + eps)
         if clip is not None:
             factors = factors.clamp(clip[0], clip[1])

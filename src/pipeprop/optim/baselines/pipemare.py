@@ -154,9 +154,9 @@ class PipeMare(PipelineSGD):
             corrected.append((self._decay(group), params, [p.detach().clone() for p in params], deltas))
         super().step()
         for gamma, params, old, deltas in corrected:
-            change = torch._foreach_sub(params, old)
+            torch._foreach_sub_(old, params)  # now w_old − w_new
             torch._foreach_mul_(deltas, gamma)
-            torch._foreach_add_(deltas, change, alpha=1.0 - gamma)
+            torch._foreach_add_(deltas, old, alpha=-(1.0 - gamma))
         for p in stepped:
             st = self.state[p]
             st["stage_step"] = int(st.get("stage_step", 0)) + 1
