@@ -27,7 +27,7 @@ from pipeprop.distributed import DistributedPipeline, PipelineComm, assign_stage
 from pipeprop.distributed.comm import decode_header, encode_header
 from pipeprop.models.blocks import Fork, Join, OnBranch
 
-METHODS = ("pb", "pb+sc", "pb+lwp", "pb+sc+lwp", "pb+stash")
+METHODS = ("pb", "pb+sc", "pb+lwp", "pb+sc+lwp", "pb+stash", "spectrain")  # spectrain needs the pipeline-wide max delay
 MICROBATCHES = 14
 LR, MOMENTUM, WD = 0.05, 0.9, 1e-3
 # stage counts per rank; the CNN's first boundary carries the residual tuple (x, x) between ranks

@@ -66,6 +66,10 @@ def build_pipeline(
         for st in stages:
             st.to(device)
     groups = stage_param_groups(stages, [part.stages[s].delay for s in mine])
+    if "pipeline_max_delay" not in options:
+        # methods that look at the whole pipeline (SpecTrain) must see its largest delay, not this rank's
+        for g in groups:
+            g["pipeline_max_delay"] = max(part.delays)
     optimizer = spec.optimizer(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **{**spec.options, **options})
     return DistributedPipeline(
         stages,
