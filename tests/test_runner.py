@@ -152,3 +152,14 @@ def test_runner_applies_the_schedule_in_samples(tmp_path: Path) -> None:
     assert lrs[40] == pytest.approx(0.01 * 42 / 54)
     assert lrs[80] == pytest.approx(0.01)
     assert lrs[120] == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("method", [m for m in __import__("pipeprop").available_methods() if m != "sgd"])
+def test_every_method_resumes_bit_exactly(tmp_path: Path, method: str) -> None:
+    cfg = tiny(method=method, samples=60, eval_every=30, checkpoint_every=1000, test_subset=50, weight_decay=1e-4)
+    run_experiment(cfg, tmp_path / "full")
+    run_experiment(cfg, tmp_path / "split", stop_after_steps=23)
+    assert Runner(cfg, tmp_path / "split").setup().run(resume=True)["status"] == "completed"
+    a, b = final_state(tmp_path / "full"), final_state(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a), method
+    assert metrics_without_time(tmp_path / "full") == metrics_without_time(tmp_path / "split")
