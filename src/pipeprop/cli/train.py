@@ -47,12 +47,12 @@ def train(config_name: Optional[str], sets: tuple[str, ...], seed: Optional[int]
         cfg = cfg.replace(seed=seed)
     if no_progress:
         cfg = cfg.replace(progress=False)
+    run_dir = Path(out) if out else default_run_dir(cfg)
     if engine == "distributed":
-        _launch_distributed(cfg, nproc)
+        _launch_distributed(cfg, nproc, run_dir)
         return
     from ..experiments.runner import run_experiment
 
-    run_dir = Path(out) if out else default_run_dir(cfg)
     summary = run_experiment(cfg, run_dir, resume=resume, overwrite=overwrite)
     click.echo(json.dumps(summary, indent=2))
     status = summary["status"]
@@ -66,7 +66,7 @@ def train(config_name: Optional[str], sets: tuple[str, ...], seed: Optional[int]
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _launch_distributed(cfg: Any, nproc: int) -> None:
+def _launch_distributed(cfg: Any, nproc: int, run_dir: Path) -> None:
     try:
         from ..distributed import launch  # type: ignore[attr-defined]
     except ImportError as err:
@@ -74,4 +74,7 @@ def _launch_distributed(cfg: Any, nproc: int) -> None:
             "the distributed engine (pipeprop.distributed.launch) is not available in this install; "
             "use --engine simulator"
         ) from err
-    launch(nproc, cfg)
+    result = launch(nproc, cfg, out=str(run_dir))
+    brief = {k: v for k, v in result.items() if k not in ("losses", "config", "experiment")}
+    click.echo(json.dumps(brief, indent=2, default=str))
+    click.echo(f"distributed run finished: {run_dir}", err=True)
