@@ -13,6 +13,7 @@ Run (about half an hour on 2 CPU cores; ``--epochs 0`` measures only batch size 
 
     python benchmarks/bench_cifar_resnet20.py --data-dir ../shared/data --out benchmarks/results/cifar_resnet20.json
     python benchmarks/bench_cifar_resnet20.py --data-dir ../shared/data --epochs 0 --b1-samples 510
+    python benchmarks/bench_cifar_resnet20.py --data-dir ../shared/data --batch-size 1 --lr 0.00078125 --threads 1 --b1-samples 0
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def train_epoch(dataset, args) -> dict:
     torch.manual_seed(args.seed)
     model = models.get("resnet20", norm="gn")
     sim = pipeprop.build_simulator(
-        model, F.cross_entropy, method="sgd", lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        model, F.cross_entropy, method=args.method, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
     stream = MicroBatchStream(dataset, batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, augment=augment)
     total = len(stream)
@@ -102,7 +103,7 @@ def train_epoch(dataset, args) -> dict:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    bar = tqdm(total=total, desc=f"resnet20-gn b={args.batch_size}", unit="step", mininterval=5) if tqdm else None
+    bar = tqdm(total=total, desc=f"resnet20-gn {args.method} b={args.batch_size}", unit="step", mininterval=5) if tqdm else None
     losses, start = [], time.perf_counter()
     for step, (x, y) in enumerate(stream):
         for group in sim.optimizer.param_groups:
@@ -120,6 +121,7 @@ def train_epoch(dataset, args) -> dict:
     seconds = time.perf_counter() - start
     samples = len(losses) * args.batch_size
     return {
+        "method": args.method,
         "batch_size": args.batch_size,
         "steps": len(losses),
         "samples": samples,
@@ -135,6 +137,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="folder with cifar-10-python.tar.gz (default: $PIPEPROP_DATA/cache)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--method", default="sgd", help="training method for the epoch (sgd = plain SGD; or e.g. pb+sc+lwp)")
     p.add_argument("--epochs", type=float, default=1.0, help="0: only the batch-size-one throughput")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
