@@ -163,7 +163,7 @@ class PipelineSimulator:
             override = opt.backward_weights(group)
             if override is not None:
                 bwd_override[s] = list(override)
-            if weights is params and override is None:
+            if self._rings[s] is None and override is None:
                 continue  # forward and backward both use the live weights: nothing to rebind
             for i, (p, w) in enumerate(zip(params, weights)):
                 fwd[(s, i)] = w
