@@ -36,7 +36,7 @@ def train(config_name: Optional[str], sets: tuple[str, ...], seed: Optional[int]
 
     \b
     pipeprop train --dataset digits --model mlp --method pb+sc+lwp --batch-size 32 --lr 0.1 --epochs 5
-    pipeprop train --config cifar10-resnet20-budget --method pb --seed 1
+    pipeprop train --config cifar10-resnet20-budget --data-dir DIR --method pb --seed 1
     pipeprop train --config cifar10-resnet20-budget --method sgd --micro-batch 128   # reference SGD at B
     pipeprop train --out runs/x --resume                                             # continue after Ctrl-C
     """
