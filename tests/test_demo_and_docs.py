@@ -22,12 +22,13 @@ def test_demo_runs_end_to_end_on_tiny_budget(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "test acc" in result.output and "pb+sc+lwp" in result.output
-    rows = json.loads((out / "results.json").read_text())
+    rows = json.loads((out / "results.json").read_text())["runs"]
     assert [r["method"] for r in rows] == ["sgd", "pb", "pb+sc+lwp"]
     n_train = 1348  # digits train split
-    assert rows[0]["curve"][-1][0] == round(0.1 * n_train)
-    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
-    assert (out / "accuracy.png").stat().st_size > 10_000
+    assert all(r["samples"] == round(0.1 * n_train) and r["micro_batch"] == 1 for r in rows)
+    assert all(r["status"] == "completed" and 0.0 <= r["final_test_acc"] <= 1.0 for r in rows)
+    assert [r["max_delay"] for r in rows] == [0, 6, 6]  # sgd runs without delay; 4 stages -> 2(S-1)
+    assert (out / "comparison.png").stat().st_size > 10_000
     assert (out / "table.txt").read_text().startswith("method")
 
 
