@@ -243,11 +243,18 @@ def test_pb_differs_from_sgd_and_uses_stale_weights():
 def test_weight_version_memory_matches_delays():
     model = mlp()
     part = pipeprop.partition(model)
-    sim = pipeprop.build_simulator(part, F.cross_entropy, method="pb", lr=0.1)
     sizes = [st.num_parameters() * 8 for st in part]
-    # the ring holds D+1 versions per stage with D > 0
-    assert sim.weight_version_bytes() == sum((d + 1) * n for d, n in zip(part.delays, sizes) if d > 0)
-    assert part.weight_version_bytes() == sum(d * n for d, n in zip(part.delays, sizes))
+    data = [(torch.randn(1, 6, dtype=DT), torch.tensor([1]))] * (max(part.delays) + 2)
+    sim = pipeprop.build_simulator(part, F.cross_entropy, method="pb", lr=0.1)
+    for x, y in data:
+        sim.step(x, y)
+    # plain PB: D_s stale versions besides the live weights, no copies of the live ones
+    assert sim.weight_version_bytes() == part.weight_version_bytes() == sum(d * n for d, n in zip(part.delays, sizes))
+    lwp = pipeprop.build_simulator(pipeprop.partition(mlp()), F.cross_entropy, method="pb+lwp", lr=0.1, momentum=0.9)
+    for x, y in data:
+        lwp.step(x, y)
+    # LWP: D_s + 1 predicted versions per stage with D_s > 0
+    assert lwp.weight_version_bytes() == sum((d + 1) * n for d, n in zip(part.delays, sizes) if d > 0)
 
 
 def test_simulator_keeps_float64_and_float32():

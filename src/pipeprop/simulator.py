@@ -47,17 +47,40 @@ class DivergenceError(RuntimeError):
 
 
 class _WeightRing:
-    """The forward weights of the last ``delay + 1`` versions of one stage."""
+    """The forward weights of the last ``delay + 1`` versions of one stage.
 
-    def __init__(self, params: Sequence[Tensor], delay: int) -> None:
+    Two storage modes. *Copy*: preallocated slots that the optimizer writes the forward weights into.
+    *Reference* (when the optimizer can update out of place, :attr:`PipelineOptimizer.keep_previous_weights`):
+    a slot holds the tensors the optimizer returned (the live weights of that version, which later updates
+    no longer touch, or a fresh prediction), so pushing a version copies nothing.
+    """
+
+    def __init__(self, params: Sequence[Tensor], delay: int, by_reference: bool) -> None:
         self.delay = delay
-        self.slots = [[torch.empty_like(p, memory_format=torch.preserve_format) for p in params] for _ in range(delay + 1)]
+        self.by_reference = by_reference
+        self.slots: list[list[Tensor]] = [
+            [] if by_reference else [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+            for _ in range(delay + 1)
+        ]
 
     def slot(self, version: int) -> list[Tensor]:
         return self.slots[version % (self.delay + 1)]
 
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for slot in self.slots for t in slot)
+    def push(self, version: int, optimizer: PipelineOptimizer, group: dict[str, Any]) -> None:
+        if self.by_reference:
+            self.slots[version % (self.delay + 1)] = [t.detach() for t in optimizer.forward_weights(group)]
+        else:
+            optimizer.forward_weights(group, out=self.slot(version))
+
+    def num_bytes(self, live: Sequence[Tensor]) -> int:
+        """Bytes held beyond the live weights."""
+        live_ptrs = {p.untyped_storage().data_ptr() for p in live}
+        return sum(
+            t.numel() * t.element_size()
+            for slot in self.slots
+            for t in slot
+            if t.untyped_storage().data_ptr() not in live_ptrs
+        )
 
 
 def _describe(x: Any) -> str:
@@ -108,19 +131,24 @@ class PipelineSimulator:
         self.weight_mode = weight_mode
         self.check_finite = check_finite
         self.step_count = 0
+        self._overrides_backward = type(optimizer).backward_weights is not PipelineOptimizer.backward_weights
         self._rings: list[Optional[_WeightRing]] = []
+        by_reference = optimizer.supports_keeping_previous_weights
         for group in optimizer.param_groups:
             needs_ring = group_params(group) and (
                 optimizer.stage_delay(group) > 0 or not optimizer.forward_uses_live_weights(group)
             )
-            self._rings.append(_WeightRing(group_params(group), optimizer.stage_delay(group)) if needs_ring else None)
+            ring = _WeightRing(group_params(group), optimizer.stage_delay(group), by_reference) if needs_ring else None
+            self._rings.append(ring)
+        if by_reference and any(r is not None for r in self._rings):
+            optimizer.keep_previous_weights = True
         self._push_forward_weights(0)
 
     # ------------------------------------------------------------------ weight versions
     def _push_forward_weights(self, version: int) -> None:
         for ring, group in zip(self._rings, self.optimizer.param_groups):
             if ring is not None:
-                self.optimizer.forward_weights(group, out=ring.slot(version))
+                ring.push(version, self.optimizer, group)
 
     def forward_weights_of(self, stage: int, microbatch: int) -> list[Tensor]:
         """The forward weights stage ``stage`` uses for ``microbatch`` (must be the next or a current one)."""
@@ -132,7 +160,9 @@ class PipelineSimulator:
 
     def weight_version_bytes(self) -> int:
         """Memory held for stale/predicted weight versions (excluding the live weights)."""
-        return sum(r.num_bytes() for r in self._rings if r is not None)
+        return sum(
+            r.num_bytes(group_params(g)) for r, g in zip(self._rings, self.optimizer.param_groups) if r is not None
+        )
 
     # ------------------------------------------------------------------ one micro-batch
     def forward(self, x: Any) -> Any:
@@ -160,7 +190,7 @@ class PipelineSimulator:
         for s, group in enumerate(opt.param_groups):
             params = group_params(group)
             weights = self.forward_weights_of(s, n)
-            override = opt.backward_weights(group)
+            override = opt.backward_weights(group) if self._overrides_backward else None
             if override is not None:
                 bwd_override[s] = list(override)
             if self._rings[s] is None and override is None:
@@ -209,9 +239,14 @@ class PipelineSimulator:
             if (mine is None) != (theirs is None) or (mine is not None and len(mine.slots) != len(theirs)):
                 raise ValueError(f"checkpoint stage {s} has different delays/method than this pipeline")
             if mine is not None:
-                for slot, saved in zip(mine.slots, theirs):
-                    for t, v in zip(slot, saved):
-                        if t.shape != v.shape:
-                            raise ValueError(f"checkpoint stage {s}: weight shape {tuple(v.shape)} != {tuple(t.shape)}")
-                        t.copy_(v)
+                params = group_params(self.optimizer.param_groups[s])
+                for k, saved in enumerate(theirs):
+                    for p, v in zip(params, saved):
+                        if p.shape != v.shape:
+                            raise ValueError(f"checkpoint stage {s}: weight shape {tuple(v.shape)} != {tuple(p.shape)}")
+                    if mine.by_reference:
+                        mine.slots[k] = [v.detach().clone().to(p.device, p.dtype) for v, p in zip(saved, params)]
+                    else:
+                        for t, v in zip(mine.slots[k], saved):
+                            t.copy_(v)
         self.step_count = int(state["step_count"])

@@ -32,6 +32,14 @@ class PipelineOptimizer(torch.optim.Optimizer):
     #: whether :meth:`forward_weights` can differ from the live weights (e.g. weight prediction)
     predicts_forward_weights: bool = False
 
+    #: whether :meth:`step` honours :attr:`keep_previous_weights`
+    supports_keeping_previous_weights: bool = False
+
+    #: set by an engine that keeps references to past weights (the simulator's weight-version ring):
+    #: ``step()`` must then leave the tensors holding the previous weights untouched and rebind each
+    #: parameter's ``.data`` to a new tensor (an out-of-place update), so no copy of the weights is needed
+    keep_previous_weights: bool = False
+
     def forward_uses_live_weights(self, group: dict[str, Any]) -> bool:
         """True when :meth:`forward_weights` would return the live weights unchanged."""
         return not self.predicts_forward_weights

@@ -127,6 +127,8 @@ class PipelineSGD(PipelineOptimizer):
         )
         super().__init__(params, defaults)
 
+    supports_keeping_previous_weights = True
+
     @property
     def predicts_forward_weights(self) -> bool:  # type: ignore[override]
         return any(g["weight_prediction"] for g in self.param_groups)
@@ -176,6 +178,8 @@ class PipelineSGD(PipelineOptimizer):
         coef = lwp_coefficient(group["momentum"], self._lwp_horizon(group), group["lwp_mode"])
         velocities = [self._lwp_direction(group, p) for p in params]
         if out is None:
+            if all(v is not None for v in velocities):  # one pass: w - c η u into new tensors
+                return list(torch._foreach_add(params, velocities, alpha=-self._group_lr(group) * coef))
             out = [torch.empty_like(p) for p in params]
         torch._foreach_copy_(out, params)
         moving = [(o, v) for o, v in zip(out, velocities) if v is not None]
@@ -230,10 +234,19 @@ class PipelineSGD(PipelineOptimizer):
                         st["last_direction"].copy_(d)
                     else:
                         st["last_direction"] = d.detach().clone()
-            if wd != 0.0 and group["decoupled_weight_decay"]:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-            torch._foreach_add_(params, direction, alpha=-lr)
+            self._apply_update(params, direction, lr, wd if group["decoupled_weight_decay"] else 0.0)
         return loss
+
+    def _apply_update(self, params: list[Tensor], direction: list[Tensor], lr: float, decoupled_wd: float) -> None:
+        """``w ← w (1 − η λ) − η d``, in place or, under :attr:`keep_previous_weights`, into new tensors."""
+        if not self.keep_previous_weights:
+            if decoupled_wd != 0.0:
+                torch._foreach_mul_(params, 1.0 - lr * decoupled_wd)
+            torch._foreach_add_(params, direction, alpha=-lr)
+            return
+        base = torch._foreach_mul(params, 1.0 - lr * decoupled_wd) if decoupled_wd != 0.0 else params
+        for p, new in zip(params, torch._foreach_add(base, direction, alpha=-lr)):
+            p.data = new
 
 
 def _check_sc_coefficients(rule: Any) -> None:
