@@ -52,7 +52,7 @@ def reproduce(name: Optional[str], show_list: bool, scale: Optional[str], no_est
 
     \b
     pipeprop reproduce --list
-    pipeprop reproduce cifar10-cnn-budget
+    pipeprop reproduce cifar10-budget
     pipeprop reproduce cifar10-resnet20 --set device=cuda
     """
     if show_list or not name:
