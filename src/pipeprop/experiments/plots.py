@@ -41,16 +41,7 @@ def plot_run(metrics: Sequence[Record], path: Path, title: str = "") -> Path:
             ax.plot(x, y, style, marker=".", label=key.replace("_", " "))
     ax_loss.set_ylabel("loss")
     ax_acc.set_ylabel("accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.set_xlabel("samples")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, (ax_loss, ax_acc), path, title)
 
 
 def plot_comparison(runs: Mapping[str, Sequence[Sequence[Record]]], path: Path, title: str = "") -> Path:
@@ -72,10 +63,15 @@ def plot_comparison(runs: Mapping[str, Sequence[Sequence[Record]]], path: Path, 
     axes[0].set_ylabel("test accuracy")
     axes[1].set_ylabel("train loss (running mean)")
     axes[1].set_yscale("log")
+    return _save(plt, fig, axes, path, title, legend_size=8)
+
+
+def _save(plt, fig, axes, path: Path, title: str, legend_size: float | None = None) -> Path:
+    """Label the shared x axis, add grids, legends and the title, write the PNG and close the figure."""
     for ax in axes:
         ax.set_xlabel("samples")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=legend_size)
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
