@@ -321,3 +321,31 @@ def test_simulator_rejects_mismatched_optimizer():
     opt = PipelineSGD(pipeprop.stage_param_groups(part.stages[:2]), lr=0.1)
     with pytest.raises(ValueError, match="stage_param_groups"):
         pipeprop.PipelineSimulator(part.stages, opt, F.cross_entropy)
+
+
+def test_core_imports_and_trains_without_the_cli_extras(tmp_path):
+    """``import pipeprop`` (and its library subpackages) needs torch and numpy only."""
+    import subprocess
+    import sys
+    import textwrap
+
+    for name in ("matplotlib", "click", "tqdm", "sklearn"):  # packages that fail to import, as if absent
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed')\n")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import torch
+        from torch import nn
+        import pipeprop, pipeprop.models, pipeprop.nn, pipeprop.data, pipeprop.scaling, pipeprop.analysis
+        import pipeprop.distributed
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        data = [(torch.randn(1, 3), torch.tensor([1]))] * 5
+        losses = pipeprop.train(model, data, nn.functional.cross_entropy, method="pb+sc+lwp", lr=0.1, momentum=0.9)
+        assert len(losses) == 5
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
