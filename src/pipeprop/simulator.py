@@ -132,6 +132,7 @@ class PipelineSimulator:
         self.check_finite = check_finite
         self.step_count = 0
         self._overrides_backward = type(optimizer).backward_weights is not PipelineOptimizer.backward_weights
+        self._all_params = [p for group in optimizer.param_groups for p in group["params"]]
         self._rings: list[Optional[_WeightRing]] = []
         by_reference = optimizer.supports_keeping_previous_weights
         for group in optimizer.param_groups:
@@ -182,20 +183,20 @@ class PipelineSimulator:
         """Push micro-batch ``(x, y)`` through the pipeline; returns its loss (from stale forward weights)."""
         n = self.step_count
         opt = self.optimizer
-        opt.zero_grad(set_to_none=True)
+        for p in self._all_params:  # opt.zero_grad(set_to_none=True), without its per-call overhead
+            p.grad = None
         fwd: dict[tuple[int, int], Tensor] = {}
         swap_params: list[Tensor] = []
         swap_tensors: list[Tensor] = []
         bwd_override: dict[int, list[Tensor]] = {}
         for s, group in enumerate(opt.param_groups):
-            params = group_params(group)
-            weights = self.forward_weights_of(s, n)
             override = opt.backward_weights(group) if self._overrides_backward else None
             if override is not None:
                 bwd_override[s] = list(override)
             if self._rings[s] is None and override is None:
                 continue  # forward and backward both use the live weights: nothing to rebind
-            for i, (p, w) in enumerate(zip(params, weights)):
+            params = group_params(group)
+            for i, (p, w) in enumerate(zip(params, self.forward_weights_of(s, n))):
                 fwd[(s, i)] = w
                 if w is not p:
                     swap_params.append(p)
