@@ -278,3 +278,17 @@ def test_partition_cli():
     assert res.exit_code == 0 and "resnet110" in res.output
     res = runner.invoke(main, ["partition", "nosuchnet"])
     assert res.exit_code != 0 and "unknown model" in res.output
+
+
+def test_mlp_he_init_matches_he_normal_statistics():
+    import pipeprop.models as zoo
+
+    torch.manual_seed(0)
+    model = zoo.get("mlp", in_features=256, hidden=256, depth=4, init="he")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for lin in linears:
+        expected = (2.0 / lin.in_features) ** 0.5  # He normal, fan-in, ReLU gain
+        assert abs(lin.weight.std().item() / expected - 1) < 0.05
+        assert torch.count_nonzero(lin.bias) == 0
+    with pytest.raises(ValueError, match="init"):
+        zoo.get("mlp", init="xavier")

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
-import torch
 from torch import nn
 
 from .schedule import stage_delays
@@ -228,9 +227,3 @@ def partition(model: nn.Module, granularity: Granularity = "layer", *, delay_off
         raise ValueError("a parameter is shared by two stages; pipeline stages must own disjoint parameters")
     return Partition(stages, granularity, delay_offset)
 
-
-def move_partition(part: Partition, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Partition:
-    """Move every stage to ``device``/``dtype`` in place (convenience)."""
-    for st in part.stages:
-        st.to(device=device, dtype=dtype)
-    return part

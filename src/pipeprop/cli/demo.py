@@ -1,7 +1,7 @@
 """``pipeprop demo``: PB vs SGD at batch size one on the embedded digits data, with a table and a plot.
 
 A thin preset over :func:`pipeprop.experiments.run_sweep`: every method trains the same He-initialised
-deep MLP (one pipeline stage per linear layer) with the same learning rate and momentum, one sample per
+deep MLP (``pipeprop.models.get("mlp", init="he")``, one pipeline stage per linear layer) with the same learning rate and momentum, one sample per
 step; each run keeps its own folder (metrics, summary, checkpoint) under ``--out``.
 """
 
@@ -12,30 +12,10 @@ from typing import Any, Sequence
 
 import click
 import torch
-from torch import nn
 
 from ..methods import get_method
 
 DEFAULT_METHODS = ("sgd", "pb", "pb+sc", "pb+lwp", "pb+sc+lwp")
-
-
-def deep_mlp(depth: int = 8, width: int = 64, in_features: int = 64, num_classes: int = 10, **_: Any) -> nn.Sequential:
-    """Flatten > [Linear > ReLU] x (depth-1) > Linear, He-initialised: ``depth`` PB stages.
-
-    He initialisation matters: with PyTorch's default Linear init an 8-layer ReLU MLP barely trains at
-    batch size 1. Parameters come from the global torch seed (the runner sets it per run).
-    """
-    layers: list[nn.Module] = [nn.Flatten()]
-    fan_in = in_features
-    for _layer in range(depth - 1):
-        layers += [nn.Linear(fan_in, width), nn.ReLU()]
-        fan_in = width
-    layers.append(nn.Linear(fan_in, num_classes))
-    for m in layers:
-        if isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-    return nn.Sequential(*layers)
 
 
 def format_table(summaries: Sequence[dict[str, Any]]) -> str:
@@ -75,7 +55,7 @@ def demo(out: Path, methods: str, depth: int, width: int, lr: float, momentum: f
     torch.set_num_threads(1)
     config = ExperimentConfig(
         name="demo", description="PB vs SGD at batch size 1 on the embedded digits",
-        model="pipeprop.cli.demo:deep_mlp", model_options={"depth": depth, "width": width},
+        model="mlp", model_options={"depth": depth, "hidden": width, "init": "he"},
         dataset="digits", batch_size=1, micro_batch=1, sgd_batch=1, lr=lr, momentum=momentum,
         schedule="constant", epochs=epochs, seed=seed, seeds=[seed], methods=names, eval_every=eval_every,
         progress=not no_progress, num_threads=1,
