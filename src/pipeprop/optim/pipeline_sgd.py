@@ -158,10 +158,7 @@ class PipelineSGD(PipelineOptimizer):
         rule = group.get("sc_coefficients")
         if rule is None:
             return spike_coefficients(group["momentum"], delay)
-        if callable(rule):
-            a, b = rule(group["momentum"], delay)
-            return float(a), float(b)
-        a, b = rule
+        a, b = rule(group["momentum"], delay) if callable(rule) else rule
         return float(a), float(b)
 
     def _lwp_direction(self, group: dict[str, Any], p: Tensor) -> Optional[Tensor]:
