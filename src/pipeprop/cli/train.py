@@ -16,7 +16,8 @@ EXIT_INTERRUPTED = 130
 
 
 def default_run_dir(cfg: Any) -> Path:
-    return Path("runs") / f"{cfg.name}-{cfg.method.replace('+', '-')}-b{cfg.micro_batch}-s{cfg.seed}"
+    engine = "" if cfg.engine == "simulator" else f"-{cfg.engine}"
+    return Path("runs") / f"{cfg.name}-{cfg.method.replace('+', '-')}-b{cfg.micro_batch}-s{cfg.seed}{engine}"
 
 
 @click.command()
@@ -26,12 +27,9 @@ def default_run_dir(cfg: Any) -> Path:
 @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint, bit-exactly")
 @click.option("--overwrite", is_flag=True, help="replace a run already in --out")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
-@click.option("--engine", type=click.Choice(["simulator", "distributed"]), default="simulator", show_default=True,
-              help="exact sequential simulator, or the real asynchronous pipeline on torch.distributed")
-@click.option("--nproc", type=int, default=2, show_default=True, help="processes for --engine distributed")
 @friendly_errors
 def train(config_name: Optional[str], sets: tuple[str, ...], seed: Optional[int], out: Optional[str], resume: bool,
-          overwrite: bool, no_progress: bool, engine: str, nproc: int, **options: Any) -> None:
+          overwrite: bool, no_progress: bool, **options: Any) -> None:
     """Train one model with Pipelined Backpropagation (or reference SGD) and store metrics, plots, checkpoints.
 
     \b
@@ -39,6 +37,7 @@ def train(config_name: Optional[str], sets: tuple[str, ...], seed: Optional[int]
     pipeprop train --config cifar10-resnet20-budget --data-dir DIR --method pb --seed 1
     pipeprop train --config cifar10-resnet20-budget --method sgd --micro-batch 128   # reference SGD at B
     pipeprop train --out runs/x --resume                                             # continue after Ctrl-C
+    pipeprop train --engine distributed --nproc 2 --model mlp --method pb+sc+lwp     # real pipeline, same run folder
     """
     if resume and out is not None and config_name is None and (Path(out) / "config.json").is_file():
         config_name = str(Path(out) / "config.json")
@@ -48,9 +47,6 @@ def train(config_name: Optional[str], sets: tuple[str, ...], seed: Optional[int]
     if no_progress:
         cfg = cfg.replace(progress=False)
     run_dir = Path(out) if out else default_run_dir(cfg)
-    if engine == "distributed":
-        _launch_distributed(cfg, nproc, run_dir)
-        return
     from ..experiments.runner import run_experiment
 
     summary = run_experiment(cfg, run_dir, resume=resume, overwrite=overwrite)
@@ -65,16 +61,3 @@ def train(config_name: Optional[str], sets: tuple[str, ...], seed: Optional[int]
         click.echo(f"checkpoint saved; continue with: pipeprop train --out {run_dir} --resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
 
-
-def _launch_distributed(cfg: Any, nproc: int, run_dir: Path) -> None:
-    try:
-        from ..distributed import launch  # type: ignore[attr-defined]
-    except ImportError as err:
-        raise click.ClickException(
-            "the distributed engine (pipeprop.distributed.launch) is not available in this install; "
-            "use --engine simulator"
-        ) from err
-    result = launch(nproc, cfg, out=str(run_dir))
-    brief = {k: v for k, v in result.items() if k not in ("losses", "config", "experiment")}
-    click.echo(json.dumps(brief, indent=2, default=str))
-    click.echo(f"distributed run finished: {run_dir}", err=True)

@@ -7,11 +7,13 @@ run equals :class:`pipeprop.PipelineSimulator` (bit for bit in float64 on CPU).
 
 Launch::
 
-    torchrun --nproc_per_node=2 -m pipeprop.distributed --model mlp --method pb+sc+lwp --samples 2000 --out runs/d
-    pipeprop train --engine distributed --nproc 2 ...          # spawns torchrun itself
-    pipeprop.distributed.launch(2, ["--model", "mlp", ...])    # the same from Python
+    pipeprop train --engine distributed --nproc 2 --model mlp ... --out runs/d   # spawns torchrun itself
+    torchrun --nproc_per_node=2 -m pipeprop.distributed --model mlp ... --out runs/d
+    pipeprop.distributed.launch(2, {"model": "mlp", ...}, "runs/d")             # the same from Python
 
-or in your own ``torchrun`` script: ``init_process_group``, :meth:`PipelineComm.from_env`,
+All three write an ordinary run folder (``config.json``, ``metrics.jsonl``, ``summary.json``, plots,
+``checkpoint/rank<r>.pt``), so ``pipeprop report``/``compare`` and ``--resume`` work as for the simulator.
+In your own ``torchrun`` script: ``init_process_group``, :meth:`PipelineComm.from_env`,
 :func:`build_pipeline`, then :meth:`DistributedPipeline.run`.
 """
 
@@ -33,18 +35,14 @@ __all__ = [
     "balance_stages",
     "stage_costs",
     "launch",
+    "run_distributed",
     "DistributedRunError",
-    "DistributedConfig",
 ]
 
 
 def __getattr__(name: str):
-    if name in ("launch", "DistributedRunError"):
+    if name in ("launch", "run_distributed", "DistributedRunError"):
         from . import launcher
 
         return getattr(launcher, name)
-    if name == "DistributedConfig":
-        from .config import DistributedConfig
-
-        return DistributedConfig
     raise AttributeError(name)

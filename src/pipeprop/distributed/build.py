@@ -17,7 +17,6 @@ from .engine import DistributedPipeline
 __all__ = ["build_pipeline", "check_method"]
 
 
-
 def check_method(method: str, delay_offset: int = 0) -> None:
     """Reject methods the asynchronous engine cannot run (clear message, before any process waits)."""
     spec = get_method(method)
@@ -47,13 +46,15 @@ def build_pipeline(
     sample_input: Any = None,
     device: torch.device | str | None = None,
     queue_capacity: int = 2,
-    lr_lambda: Optional[Callable[[int], float]] = None,
+    lr_schedule: Optional[Callable[[int], float]] = None,
     **options: Any,
 ) -> DistributedPipeline:
     """Partition ``model`` (built identically on every rank), keep this rank's stages and build its engine.
 
     ``assignment`` maps stages to ranks (see :func:`~pipeprop.distributed.assignment.assign_stages`);
-    ``"flops"`` needs ``sample_input`` (one micro-batch). Extra ``options`` go to the method's optimizer.
+    ``"flops"`` needs ``sample_input`` (one micro-batch). ``lr_schedule`` scales each stage's learning rate
+    at its update count (:meth:`~pipeprop.optim.PipelineOptimizer.set_lr_schedule`), as in the simulator's
+    runner. Extra ``options`` go to the method's optimizer.
     Only this rank's stages are moved to ``device``.
     """
     spec = get_method(method)
@@ -71,6 +72,8 @@ def build_pipeline(
         for g in groups:
             g["pipeline_max_delay"] = max(part.delays)
     optimizer = spec.optimizer(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **{**spec.options, **options})
+    if lr_schedule is not None:
+        optimizer.set_lr_schedule(lr_schedule)
     return DistributedPipeline(
         stages,
         mine.start,
@@ -81,5 +84,4 @@ def build_pipeline(
         weight_mode=spec.weight_mode,
         device=device,
         queue_capacity=queue_capacity,
-        lr_lambda=lr_lambda,
     )

@@ -158,9 +158,6 @@ class DistributedPipeline:
         keep_forward_state: keep every in-flight forward's weights, buffers and RNG state (needed to take
             checkpoints; set automatically when :meth:`run` takes checkpoints).
         check_finite: raise :class:`~pipeprop.DivergenceError` on a NaN/inf loss.
-        lr_lambda: learning-rate factor of the update of micro-batch ``n`` (like
-            ``torch.optim.lr_scheduler.LambdaLR`` stepped once per micro-batch): each stage sets
-            ``lr = base_lr * lr_lambda(n)`` right before that update (and ``lr_lambda(0)`` at the start).
         startup_timeout: how long :meth:`run` waits for all ranks to start (default: the process group's
             timeout); afterwards every single wait is bounded by ``comm.timeout``.
     """
@@ -179,7 +176,6 @@ class DistributedPipeline:
         queue_capacity: int = 2,
         keep_forward_state: bool = False,
         check_finite: bool = True,
-        lr_lambda: Optional[Callable[[int], float]] = None,
         startup_timeout: Optional[float] = None,
     ) -> None:
         if weight_mode not in WEIGHT_MODES:
@@ -227,12 +223,7 @@ class DistributedPipeline:
         self.queue_capacity = queue_capacity
         self.keep_forward_state = keep_forward_state
         self.check_finite = check_finite
-        self.lr_lambda = lr_lambda
         self.startup_timeout = startup_timeout
-        self._base_lrs = [g["lr"] for g in optimizer.param_groups]
-        if lr_lambda is not None:
-            for g, base in zip(optimizer.param_groups, self._base_lrs):
-                g["lr"] = base * lr_lambda(0)
         # progress (all part of a checkpoint)
         self.step = 0
         self.num_microbatches: Optional[int] = None
@@ -407,8 +398,6 @@ class DistributedPipeline:
             else:
                 error = self._errs.pop((s, n))
             t0 = time.perf_counter()
-            if self.lr_lambda is not None:
-                slot.group["lr"] = self._base_lrs[slot.index - self.first] * self.lr_lambda(n)
             grad_in = self._backward(slot, n, error)
             if s == 0:
                 pass
@@ -564,7 +553,6 @@ class DistributedPipeline:
             "pre_act": dict(self._pre_act),
             "pre_err": dict(self._pre_err),
             "targets": dict(self._targets),
-            "base_lrs": list(self._base_lrs),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -603,7 +591,6 @@ class DistributedPipeline:
         for slot, sd in zip(self.slots, state["modules"]):
             slot.module.load_state_dict(sd)
         self.optimizer.load_state_dict(state["optimizer"])
-        self._base_lrs = list(state.get("base_lrs", self._base_lrs))
         self.step = int(state["step"])
         self.num_microbatches = state["num_microbatches"]
         self.losses = list(state["losses"])

@@ -1,13 +1,15 @@
-"""``launch(nproc, config)``: run the distributed engine on this machine through ``torchrun`` and return its results.
+"""Run the distributed engine on this machine through ``torchrun``, into an ordinary run folder.
 
-This is the stable Python entry point behind ``pipeprop train --engine distributed --nproc N``::
+This is what ``pipeprop train --engine distributed`` (and :func:`pipeprop.experiments.run_experiment`
+with ``engine = "distributed"``) runs::
 
     from pipeprop.distributed import launch
-    result = launch(2, ["--model", "mlp", "--method", "pb+sc+lwp", "--samples", "1000", "--out", "runs/d"])
-    result["losses"][-1], result["samples_per_second"], result["ranks"][0]["busy_fraction"]
+    summary = launch(2, {"model": "mlp", "method": "pb+sc+lwp", "samples": 1000}, "runs/d")
+    summary["final_test_acc"], summary["samples_per_second"], summary["ranks"][0]["busy_fraction"]
 
-The configuration is checked here first (unknown backend or method, more processes than stages, ...),
-so bad input raises ``ValueError`` before any process starts.
+The launcher checks the configuration and the run folder first (so bad input raises before any process
+starts), writes the run's ``config.json`` and hands every rank that file (``--config RUN/config.json``):
+the config is never re-serialised into command-line options.
 """
 
 from __future__ import annotations
@@ -17,13 +19,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
-from .config import DistributedConfig, parse_args
+from ..experiments.config import ExperimentConfig
 
-__all__ = ["launch", "DistributedRunError", "as_config"]
-
-ConfigLike = Union[Sequence[str], DistributedConfig, Mapping[str, Any], Any]
+__all__ = ["launch", "run_distributed", "DistributedRunError"]
 
 
 class DistributedRunError(RuntimeError):
@@ -32,24 +32,6 @@ class DistributedRunError(RuntimeError):
     def __init__(self, message: str, returncode: int, errors: dict[int, str], output: str = "") -> None:
         super().__init__(message)
         self.returncode, self.errors, self.output = returncode, errors, output
-
-
-def as_config(argv_or_config: ConfigLike, **overrides: Any) -> DistributedConfig:
-    """A :class:`DistributedConfig` from argv, itself, an ``ExperimentConfig`` or a dict of experiment keys."""
-    if isinstance(argv_or_config, DistributedConfig):
-        cfg = argv_or_config
-    elif isinstance(argv_or_config, (list, tuple)):
-        cfg = parse_args([str(a) for a in argv_or_config])
-    elif hasattr(argv_or_config, "to_dict") or isinstance(argv_or_config, Mapping):
-        data = argv_or_config.to_dict() if hasattr(argv_or_config, "to_dict") else dict(argv_or_config)
-        if "out" not in overrides:
-            overrides["out"] = str(Path("runs") / f"{data.get('name', 'run')}-{str(data.get('method', 'pb')).replace('+', '-')}-distributed")
-        return DistributedConfig.from_experiment(data, **overrides)
-    else:
-        raise TypeError(f"launch() takes argv (a list of strings) or a config, got {type(argv_or_config).__name__}")
-    if overrides:
-        cfg = DistributedConfig(**{**cfg.to_dict(), **overrides})
-    return cfg
 
 
 def _errors(out: Path) -> dict[int, str]:
@@ -64,45 +46,49 @@ def _errors(out: Path) -> dict[int, str]:
     return found
 
 
-def launch(
-    nproc: int,
-    argv_or_config: ConfigLike,
+def run_distributed(
+    config: ExperimentConfig,
+    run_dir: Path | str,
     *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after_steps: Optional[int] = None,
+    show_progress: Optional[bool] = None,
     timeout: Optional[float] = None,
     env: Optional[Mapping[str, str]] = None,
     capture_output: bool = False,
-    **overrides: Any,
 ) -> dict[str, Any]:
-    """Run ``torchrun --standalone --nproc_per_node=nproc -m pipeprop.distributed ...`` and return ``result.json``.
+    """Run ``config`` with ``config.nproc`` processes into ``run_dir``; returns its ``summary.json``.
 
-    Args:
-        nproc: processes (ranks) on this machine; at most the number of pipeline stages.
-        argv_or_config: ``python -m pipeprop.distributed`` arguments, a :class:`DistributedConfig`, a
-            :class:`pipeprop.experiments.ExperimentConfig` (as ``pipeprop train`` builds it) or a dict of
-            its keys.
-        timeout: seconds for the whole run (``None``: no limit; each rank has its own per-wait timeout).
-        env: extra environment variables (``OMP_NUM_THREADS`` defaults to 1 per process).
-        capture_output: capture torchrun's output (it is then attached to a :class:`DistributedRunError`).
-        overrides: :class:`DistributedConfig` fields, e.g. ``out="runs/x"``, ``backend="gloo"``.
-
-    Returns:
-        The run's ``result.json``: ``losses`` (per micro-batch), ``ranks`` (per-rank wall, compute, wait,
-        busy fraction, stages), ``samples_per_second``, ``final_test_acc``, ``completed`` and the config.
-        The final weights are in ``<out>/model.pt``.
+    ``stop_after_steps`` stops every rank after that many pipeline steps, with checkpoints (status
+    ``"stopped"``); ``resume`` continues from them. ``timeout`` bounds the whole run (each rank also has
+    its own per-wait ``config.timeout``); ``env`` adds environment variables (``OMP_NUM_THREADS``
+    defaults to 1 per process).
     """
-    from .worker import EXIT_CONFIG, prepare
+    from ..experiments.run_folder import claim_run_folder, write_config_json
+    from .worker import prepare, verify_rank_checkpoints
 
-    if int(nproc) < 1:
-        raise ValueError(f"nproc must be >= 1, got {nproc}")
-    cfg = as_config(argv_or_config, **overrides)
-    prepare(cfg, int(nproc))  # bad configuration fails here, before any process starts
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / "result.json", *(out / "errors").glob("rank*.txt")]:
+    if config.engine != "distributed":
+        config = config.replace(engine="distributed")
+    out = Path(run_dir)
+    setup = prepare(config, config.nproc)  # bad configuration fails here, before any process starts
+    claim_run_folder(out, config, resume=resume, overwrite=overwrite)
+    if resume:
+        previous = out / "summary.json"
+        if previous.is_file() and json.loads(previous.read_text()).get("status") == "completed":
+            return json.loads(previous.read_text())
+        verify_rank_checkpoints(out, config, config.nproc)
+    write_config_json(out, config, recipe=setup.recipe, delays=setup.partition.delays, train_size=len(setup.data.train),
+                      test_size=len(setup.data.test), eval_every=config.eval_interval(setup.recipe.total_samples),
+                      ranges=[[r.start, r.stop - 1] for r in setup.ranges])
+    for stale in [out / "summary.json", *(out / "errors").glob("rank*.txt")]:
         stale.unlink(missing_ok=True)
+    progress = config.progress if show_progress is None else show_progress
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}",
-        "--max_restarts=0", "-m", "pipeprop.distributed", *cfg.to_argv(),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.nproc}",
+        "--max_restarts=0", "-m", "pipeprop.distributed", "--config", str(out / "config.json"), "--out", str(out),
+        *(["--resume"] if resume else []), *(["--no-progress"] if not progress else []),
+        *(["--stop-after-steps", str(stop_after_steps)] if stop_after_steps is not None else []),
     ]
     run_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     try:
@@ -113,11 +99,18 @@ def launch(
     if proc.returncode != 0:
         errors = _errors(out)
         detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items())) or "see the output above"
-        kind = "configuration rejected" if proc.returncode == EXIT_CONFIG else "failed"
-        raise DistributedRunError(f"distributed run {kind} (torchrun exit {proc.returncode}): {detail}", proc.returncode, errors, output)
-    result_path = out / "result.json"
-    if not result_path.is_file():
-        raise DistributedRunError(f"the run ended without writing {result_path}", proc.returncode, _errors(out), output)
-    result = json.loads(result_path.read_text())
-    result["out"] = str(out)
-    return result
+        raise DistributedRunError(f"distributed run failed (torchrun exit {proc.returncode}): {detail}", proc.returncode,
+                                  errors, output)
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        raise DistributedRunError(f"the run ended without writing {summary_path}", proc.returncode, _errors(out), output)
+    return json.loads(summary_path.read_text())
+
+
+def launch(nproc: int, config: Union[ExperimentConfig, Mapping[str, Any]], run_dir: Path | str, **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_distributed` of ``config`` (an ``ExperimentConfig`` or a dict of its keys) on ``nproc`` processes."""
+    if isinstance(config, Mapping):
+        config = ExperimentConfig(**dict(config))
+    if not isinstance(config, ExperimentConfig):
+        raise TypeError(f"launch() takes an ExperimentConfig or a dict of its keys, got {type(config).__name__}")
+    return run_distributed(config.replace(engine="distributed", nproc=int(nproc)), run_dir, **kwargs)

@@ -1,4 +1,5 @@
-"""Build the data set, model and loss of a run from its config."""
+"""Build what a run needs from its config, the same way for both engines: data set, model, micro-batch
+stream, learning-rate schedule and the optimizer keywords."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..data import ImageDataset, load_digits
-from .config import ExperimentConfig
+from ..data import ImageDataset, MicroBatchStream, load_digits
+from .config import ConfigError, ExperimentConfig
 
-__all__ = ["build_dataset", "build_model", "build_augment", "ModelFactory"]
+__all__ = ["build_dataset", "build_model", "build_augment", "build_stream", "build_lr_schedule", "optimizer_options",
+           "ModelFactory", "TrackedCrossEntropy"]
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -121,3 +123,47 @@ def _zoo_model(name: str, candidates: dict[str, Any], options: dict[str, Any]) -
                 raise
             for k in rejected:
                 extra.pop(k)
+
+
+def build_stream(config: ExperimentConfig, data: ImageDataset, total_steps: int, device: torch.device | str = "cpu") -> MicroBatchStream:
+    """The seeded, resumable stream of ``total_steps`` micro-batches of the run."""
+    b = config.micro_batch
+    steps_per_epoch = len(data.train) // b
+    if steps_per_epoch == 0:
+        raise ValueError(f"micro_batch {b} is larger than the training set ({len(data.train)} examples)")
+    stream = MicroBatchStream(data, batch_size=b, epochs=total_steps / steps_per_epoch, seed=config.seed,
+                              augment=build_augment(config, data), dtype=getattr(torch, config.dtype), device=device)
+    stream.total_steps = total_steps  # exact, independent of float rounding
+    return stream
+
+
+def build_lr_schedule(recipe: Any) -> Callable[[int], float]:
+    """The schedule a :class:`~pipeprop.optim.PipelineOptimizer` applies at each stage's update count."""
+    from .lr_schedule import SampleSchedule
+
+    return SampleSchedule(recipe)
+
+
+def optimizer_options(config: ExperimentConfig, builder: Callable[..., Any]) -> dict[str, Any]:
+    """Keywords for the engine's builder: the method's options, plus the optimizer choice when it is not SGD."""
+    options = dict(config.method_options)
+    if config.optimizer != "sgd":
+        if "optimizer" not in inspect.signature(builder).parameters:
+            raise ConfigError(
+                f"optimizer = {config.optimizer!r} is not available yet in this version of pipeprop; use optimizer='sgd'"
+            )
+        options.update(optimizer=config.optimizer, betas=tuple(config.betas), eps=config.eps)
+    return options
+
+
+class TrackedCrossEntropy:
+    """Cross-entropy that also counts the correct predictions of the last call (engines return only the loss)."""
+
+    def __init__(self) -> None:
+        self.correct = 0
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        self.correct = int((output.detach().argmax(dim=1) == target).sum())
+        return F.cross_entropy(output, target)

@@ -1,4 +1,6 @@
-"""Click options shared by ``pipeprop train`` and ``pipeprop compare`` (config file < --set < explicit options)."""
+"""The one option list of the training commands (``pipeprop train``/``compare`` and the distributed ranks,
+``torchrun -m pipeprop.distributed``): config file < ``--set`` < explicit options, all checked by
+:class:`~pipeprop.experiments.config.ExperimentConfig`."""
 
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--train-subset", "train_subset", int, "use the first N training examples"),
     ("--test-subset", "test_subset", int, "evaluate on the first N test examples"),
     ("--augment/--no-augment", "augment", None, "random crop + flip"),
+    ("--dtype", "dtype", click.Choice(["float32", "float64"]), "parameter and data type"),
     ("--method", "method", str, "training method (see `pipeprop methods`)"),
+    ("--optimizer", "optimizer", click.Choice(["sgd", "adam", "adamw", "nadam"]), "update rule of every stage"),
     ("--micro-batch", "micro_batch", int, "micro-batch size b (1 = the paper's setting)"),
     ("--batch-size", "batch_size", int, "batch size B of the reference recipe"),
     ("--lr", "lr", float, "reference learning rate (at --batch-size)"),
@@ -35,8 +39,17 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--partition", "partition", str, "stages: layer, block or a number"),
     ("--device", "device", str, "cpu or cuda"),
     ("--threads", "num_threads", int, "torch CPU threads (1 is fastest for b=1 on a shared machine)"),
-    ("--eval-every", "eval_every", int, "evaluate every N samples"),
+    ("--eval-every", "eval_every", int, "evaluate every N samples (default: <= max_evals evaluations, "
+     ">= min_eval_every samples apart)"),
     ("--checkpoint-every", "checkpoint_every", int, "checkpoint every N samples (default: at each evaluation)"),
+    ("--logger", "logger", click.Choice(["none", "tensorboard"]), "experiment tracking next to metrics.jsonl"),
+    ("--engine", "engine", click.Choice(["simulator", "distributed"]),
+     "exact sequential simulator, or the real asynchronous pipeline on torch.distributed"),
+    ("--nproc", "nproc", int, "processes of --engine distributed"),
+    ("--backend", "backend", click.Choice(["auto", "gloo", "nccl"]), "torch.distributed backend (auto: nccl on cuda)"),
+    ("--timeout", "timeout", float, "seconds a rank waits for a neighbour before failing"),
+    ("--assignment", "assignment", str, "stages per process: flops, params, uniform or counts '2,1,1'"),
+    ("--queue", "queue_capacity", int, "messages in flight per channel before a sender waits"),
 ]
 
 
@@ -67,13 +80,17 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     import functools
 
     from .checkpoint import CheckpointError
-    from .runner import RunDirError
+    from .run_folder import RunDirError
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, CheckpointError, RunDirError, TypeError) as err:
+            raise click.ClickException(str(err)) from err
+        except RuntimeError as err:
+            if type(err).__name__ != "DistributedRunError":
+                raise
             raise click.ClickException(str(err)) from err
 
     return wrapper

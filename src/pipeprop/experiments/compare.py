@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .config import ExperimentConfig, method_entry
 from .report import load_run, write_report
+from .run_folder import check_run_folder
 from .runner import CHECKPOINT, run_experiment
 
 __all__ = ["run_sweep", "sweep_dirs"]
@@ -37,8 +38,10 @@ def run_sweep(
 ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Run (or reuse) every method x seed; returns the summaries and the report files.
 
-    A run whose ``summary.json`` says completed or diverged is reused; a stopped or interrupted one is
-    resumed from its checkpoint; ``overwrite`` reruns everything. An interrupted run ends the sweep.
+    A run whose ``summary.json`` says completed or diverged is reused, and a stopped or interrupted one
+    resumed from its checkpoint, only when its stored config equals the requested one (anything else
+    raises :class:`~pipeprop.experiments.run_folder.RunDirError` naming the differing keys); ``overwrite``
+    reruns everything. An interrupted run ends the sweep.
     """
     out_dir = Path(out_dir)
     methods = list(methods or config.methods)
@@ -47,12 +50,15 @@ def run_sweep(
     summaries = []
     for i, (label, seed, cfg, run_dir) in enumerate(plan, 1):
         summary_path = run_dir / "summary.json"
+        started = (run_dir / CHECKPOINT).is_file() or (run_dir / "checkpoint").is_dir()
+        if not overwrite and (started or summary_path.is_file()):
+            check_run_folder(run_dir, cfg, resume=True)  # a different config is refused, naming the keys
         previous = json.loads(summary_path.read_text()) if summary_path.is_file() and not overwrite else None
         if previous is not None and previous.get("status") in ("completed", "diverged"):
             echo(f"[{i}/{len(plan)}] {label} seed {seed}: reusing {run_dir} ({previous['status']})")
             summaries.append(previous)
             continue
-        resume = not overwrite and (run_dir / CHECKPOINT).is_file()
+        resume = not overwrite and started
         echo(f"[{i}/{len(plan)}] {label} seed {seed}{' (resuming)' if resume else ''} -> {run_dir}")
         summary = run_experiment(cfg, run_dir, resume=resume, overwrite=overwrite, model_factory=model_factory,
                                  show_progress=show_progress)

@@ -1,23 +1,32 @@
-"""Experiment configuration: one flat dataclass, read from TOML (stdlib ``tomllib``) plus ``key=value`` overrides.
+"""Experiment configuration: one typed model (pydantic), read from TOML plus ``key=value`` overrides.
 
-A config describes one training set-up: model, data, method, micro-batch size ``b`` and the *reference*
-recipe at batch size ``batch_size`` that the scaling rule turns into the recipe for ``b``. The keys
+A config describes one training set-up: model, data, method, micro-batch size ``b``, the *reference*
+recipe at batch size ``batch_size`` that the scaling rule turns into the recipe for ``b``, the engine
+(the exact simulator or the real pipeline on ``torch.distributed``) and how the run is observed. The keys
 ``methods`` and ``seeds`` list what ``compare``/``reproduce`` sweep over. TOML tables (``[model]``,
 ``[recipe]`` ...) may be used to group keys; they are flattened, so ``[recipe] lr = 0.1`` is ``lr = 0.1``.
+
+Every value is checked when a config is built, whatever its source (TOML, ``--set``, command-line options
+or ``ExperimentConfig(...)`` in Python): a wrong key, type or range raises :class:`ConfigError`, whose
+message names the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
+import hashlib
 import json
 import os
-from dataclasses import dataclass, field, fields
+import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Literal, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..scaling import Recipe, ScaledRecipe, normalize_rule, scale_recipe
 
 __all__ = [
+    "ConfigError",
     "ExperimentConfig",
     "load_config",
     "apply_overrides",
@@ -27,95 +36,199 @@ __all__ = [
     "list_configs",
     "method_entry",
     "DEFAULT_METHODS",
+    "RUN_CONTROL_KEYS",
 ]
 
 DEFAULT_METHODS = ("sgd", "pb", "pb+sc", "pb+lwp", "pb+sc+lwp")
 
-#: keys that only steer how a run is executed or logged; changing them does not change its results
+#: keys that only steer how a run is executed or observed; changing them does not change its results
 RUN_CONTROL_KEYS = frozenset(
-    {"checkpoint_every", "progress", "methods", "seeds", "description", "scale", "name", "est_sample_seconds", "device", "num_threads"}
+    {"checkpoint_every", "progress", "methods", "seeds", "description", "scale", "name", "est_sample_seconds", "device",
+     "num_threads", "backend", "timeout", "queue_capacity", "nproc", "assignment", "logger"}
 )
 
+ASSIGNMENT_KINDS = ("flops", "params", "uniform")
 
-@dataclass
-class ExperimentConfig:
+
+class ConfigError(ValueError):
+    """A config key, type or value is not allowed (the message names the key, the value and the choices)."""
+
+
+def _check_counts(text: str) -> str:
+    if text in ASSIGNMENT_KINDS:
+        return text
+    try:
+        counts = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ValueError(f"use one of {', '.join(ASSIGNMENT_KINDS)} or stages per process such as '2,1,1'")
+    return ",".join(map(str, counts))
+
+
+class ExperimentConfig(BaseModel):
     """Everything that defines a run (see ``docs/experiments.md`` for each key)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
     name: str = "run"
     description: str = ""
-    scale: str = "custom"  # "paper" | "budget" | "custom" (for listings)
+    scale: Literal["paper", "budget", "custom"] = "custom"
     # model
     model: str = "mlp"
     norm: Optional[str] = None
-    model_options: dict[str, Any] = field(default_factory=dict)
-    partition: Union[str, int] = "layer"
-    delay_offset: int = 0
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    partition: Union[int, Literal["layer", "block"]] = "layer"
+    delay_offset: int = Field(0, ge=0)
     # data
     dataset: str = "digits"
     data_dir: Optional[str] = None
-    data_options: dict[str, Any] = field(default_factory=dict)  # extra load_dataset keywords
-    train_subset: Optional[int] = None
-    test_subset: Optional[int] = None
+    data_options: dict[str, Any] = Field(default_factory=dict)  # extra load_dataset keywords
+    train_subset: Optional[int] = Field(None, ge=1)
+    test_subset: Optional[int] = Field(None, ge=1)
     augment: bool = False
-    dtype: str = "float32"
-    # method at micro-batch size b
+    dtype: Literal["float32", "float64"] = "float32"
+    # method and optimizer at micro-batch size b
     method: str = "pb+sc+lwp"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    micro_batch: int = 1
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    optimizer: Literal["sgd", "adam", "adamw", "nadam"] = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    micro_batch: int = Field(1, ge=1)
     # reference recipe at batch size B, scaled to b by `rule`
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
     rule: str = "momentum"
-    schedule: str = "step"  # "step" | "cosine" | "constant"
-    milestones: list[float] = field(default_factory=list)  # epochs
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    epochs: float = 1.0
-    samples: Optional[int] = None  # overrides epochs
-    # execution
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    milestones: list[float] = Field(default_factory=list)  # epochs
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    epochs: float = Field(1.0, ge=0)
+    samples: Optional[int] = Field(None, ge=1)  # overrides epochs
+    # engine
+    engine: Literal["simulator", "distributed"] = "simulator"
+    nproc: int = Field(2, ge=1)  # processes of the distributed engine
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout: float = Field(60.0, gt=0)  # seconds a rank waits for a neighbour
+    assignment: str = "flops"  # stages per rank: flops, params, uniform or counts "2,1,1"
+    queue_capacity: int = Field(2, ge=1)
+    # execution and observation
     seed: int = 0
     device: str = "cpu"
-    num_threads: Optional[int] = None  # torch intra-op threads (1 is fastest for b=1 on a shared CPU)
-    eval_every: Optional[int] = None  # samples; default: 20 evaluations per run
-    eval_batch: int = 500
-    checkpoint_every: Optional[int] = None  # samples; default: at every evaluation
-    divergence_loss: Optional[float] = None  # a running train loss above this counts as divergence
+    num_threads: Optional[int] = Field(None, ge=1)  # torch intra-op threads (1 is fastest for b=1 on a shared CPU)
+    eval_every: Optional[int] = Field(None, ge=1)  # samples; default: see max_evals and min_eval_every
+    max_evals: int = Field(20, ge=1)  # default eval_every: at most this many evaluations per run ...
+    min_eval_every: int = Field(1000, ge=1)  # ... but at least this many samples apart
+    eval_batch: int = Field(500, ge=1)
+    train_window: Optional[int] = Field(None, ge=1)  # samples averaged into final train loss/acc (default: eval_every)
+    checkpoint_every: Optional[int] = Field(None, ge=1)  # samples; default: at every evaluation
+    divergence_loss: Optional[float] = Field(None, gt=0)  # a running train loss above this counts as divergence
+    logger: Literal["none", "tensorboard"] = "none"  # experiment tracking next to metrics.jsonl
     progress: bool = True
     # sweeps (compare / reproduce)
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0])
-    sgd_batch: Union[str, int] = "reference"  # micro-batch of method "sgd": "reference" (= batch_size) or a number
-    est_sample_seconds: Optional[float] = None  # measured seconds per sample, for cost estimates
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    sgd_batch: Union[Literal["reference"], int] = "reference"  # micro-batch of "sgd": "reference" (= batch_size) or b
+    est_sample_seconds: Optional[float] = Field(None, gt=0)  # measured seconds per sample, for cost estimates
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __init__(self, **data: Any) -> None:
+        unknown = [k for k in data if k not in type(self).model_fields]
+        if unknown:
+            raise ConfigError(_unknown_keys_message(unknown))
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError(_format_errors(err, data.get("name", "run"))) from None
 
     # ------------------------------------------------------------------ checks
-    def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"config {self.name!r}: {msg}")
+    @field_validator("method")
+    @classmethod
+    def _canonical_method(cls, value: str) -> str:
+        from ..methods import get_method
 
-        need(self.micro_batch >= 1, f"micro_batch must be >= 1, got {self.micro_batch}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.lr >= 0, f"lr must be >= 0, got {self.lr}")
-        need(0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        normalize_rule(self.rule)
-        need(self.schedule in ("step", "cosine", "constant"), f"schedule must be step, cosine or constant, got {self.schedule!r}")
-        need(self.epochs > 0 or (self.samples or 0) > 0, "set epochs > 0 or samples > 0")
-        need(self.samples is None or self.samples > 0, f"samples must be > 0, got {self.samples}")
-        need(list(self.milestones) == sorted(self.milestones), f"milestones must increase, got {self.milestones}")
-        need(self.eval_every is None or self.eval_every > 0, "eval_every must be a positive number of samples")
-        need(self.checkpoint_every is None or self.checkpoint_every > 0, "checkpoint_every must be > 0 samples")
-        need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
-        need(len(self.seeds) > 0 and len(self.methods) > 0, "methods and seeds must not be empty")
-        need(
-            self.sgd_batch == "reference" or (isinstance(self.sgd_batch, int) and self.sgd_batch >= 1),
-            f"sgd_batch must be 'reference' or a batch size, got {self.sgd_batch!r}",
-        )
+        return get_method(value).name
+
+    @field_validator("methods")
+    @classmethod
+    def _canonical_methods(cls, entries: list[str]) -> list[str]:
+        return [_canonical_entry(e) for e in entries]
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if ":" in value:  # "module:function", imported when the run is built
+            return value
+        from ..models import _canonical, list_models
+
+        if _canonical(value) not in list_models():
+            raise ValueError(f"unknown model; choose one of {', '.join(list_models())} or give 'module:function'")
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from ..data import registry
+
+        names = list(registry.available_datasets())
+        key = value.strip().lower().replace("_", "-")
+        if key not in names and key not in getattr(registry, "_ALIASES", {}):
+            raise ValueError(f"unknown data set; choose one of {', '.join(names)}")
+        return value
+
+    @field_validator("rule")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        normalize_rule(value)
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith("cuda"):
+            raise ValueError("use 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+    @field_validator("assignment", mode="before")
+    @classmethod
+    def _known_assignment(cls, value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        if not isinstance(value, str):
+            raise ValueError(f"use one of {', '.join(ASSIGNMENT_KINDS)} or stages per process such as '2,1,1'")
+        return _check_counts(value)
+
+    @field_validator("betas")
+    @classmethod
+    def _beta_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("both betas must lie in [0, 1)")
+        return value
+
+    @field_validator("partition", mode="before")
+    @classmethod
+    def _known_partition(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not (value in ("layer", "block") or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)):
+            raise ValueError("use 'layer', 'block' or a number of stages >= 1")
+        return value
+
+    @field_validator("sgd_batch")
+    @classmethod
+    def _positive(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a number must be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        if not (self.epochs > 0 or self.samples):
+            raise ValueError("set epochs > 0 or samples > 0")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must increase, got {self.milestones}")
+        return self
 
     # ------------------------------------------------------------------ derived
     def total_samples(self, train_size: int) -> int:
@@ -141,51 +254,92 @@ class ExperimentConfig:
         out.total_samples = self.total_samples(train_size)
         return out
 
+    def eval_interval(self, total_samples: int) -> int:
+        """Samples between evaluations: ``eval_every``, else at most ``max_evals`` evaluations but at least
+        ``min_eval_every`` samples apart (never more than the run), rounded up to whole micro-batches."""
+        every = self.eval_every or max(min(self.min_eval_every, total_samples), -(-total_samples // self.max_evals))
+        return max(self.micro_batch, every)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
     def replace(self, **changes: Any) -> "ExperimentConfig":
         return apply_overrides(self, changes)
 
     def result_dict(self) -> dict[str, Any]:
-        """The keys that determine the results (used to check that a resumed run is the same run)."""
+        """The keys that determine the results (a run folder is reused or resumed only when these agree)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_KEYS}
 
+    def config_hash(self) -> str:
+        """SHA-256 of :meth:`result_dict` (stored in checkpoints)."""
+        return hashlib.sha256(json.dumps(self.result_dict(), sort_keys=True).encode()).hexdigest()
 
-_FIELDS = {f.name: f for f in fields(ExperimentConfig)}
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """Convert ``value`` to the type of field ``key`` (strings from the command line are parsed)."""
-    default = getattr(ExperimentConfig(), key)
-    if isinstance(value, str) and not isinstance(default, str) or (isinstance(value, str) and default is None):
-        text = value.strip()
-        if text.lower() in ("none", "null", ""):
-            return None
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            if isinstance(default, list):
-                value = [v.strip() for v in text.split(",") if v.strip()]
-                value = [_maybe_number(v) for v in value]
-            else:
-                value = text
-    if key == "partition" and isinstance(value, str) and value.isdigit():
-        return int(value)
-    if isinstance(default, bool):
-        if isinstance(value, str):
-            value = value.lower() in ("1", "true", "yes", "on")
-        return bool(value)
-    if isinstance(default, float) and isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(default, list) and not isinstance(value, list):
-        return [value]
-    return value
+    def differences(self, other: "ExperimentConfig") -> list[str]:
+        """``"key: mine vs other"`` for every result key on which the two configs differ."""
+        a, b = self.result_dict(), other.result_dict()
+        return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _maybe_number(text: str) -> Any:
+def _canonical_entry(entry: str) -> str:
+    from ..methods import get_method
+
+    name, at, batch = str(entry).partition("@")
+    if at and (not batch.isdigit() or int(batch) < 1):
+        raise ValueError(f"bad entry {entry!r}: after '@' give a micro-batch size, e.g. sgd@128")
+    return get_method(name).name + (f"@{int(batch)}" if at else "")
+
+
+def _unknown_keys_message(keys: Iterable[str]) -> str:
+    valid = list(ExperimentConfig.model_fields)
+    parts = []
+    for key in keys:
+        close = difflib.get_close_matches(str(key), valid, n=1)
+        parts.append(f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return "; ".join(parts) + f". Valid keys: {', '.join(sorted(valid))}"
+
+
+def _format_errors(err: ValidationError, name: Any) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not isinstance(p, int) or len(e["loc"]) == 1]
+        key = loc[0] if loc else "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "literal_error" or "union" in e["type"]:
+            msg = msg.replace("Input should be", "allowed:")
+        shown = f" = {e['input']!r}" if loc else ""
+        lines.append(f"{key}{shown}: {msg}")
+    return f"config {name!r}: " + "; ".join(dict.fromkeys(lines))
+
+
+def _is_textual(key: str) -> bool:
+    """Whether field ``key`` holds text (command-line values for it are not parsed as JSON)."""
+    ann = ExperimentConfig.model_fields[key].annotation
+    args = [a for a in typing.get_args(ann) if a is not type(None)] if typing.get_origin(ann) is Union else [ann]
+    return all(a is str or (typing.get_origin(a) is Literal and all(isinstance(v, str) for v in typing.get_args(a)))
+               for a in args)
+
+
+def _is_sequence(key: str) -> bool:
+    return typing.get_origin(ExperimentConfig.model_fields[key].annotation) in (list, tuple)
+
+
+def parse_value(key: str, text: str) -> Any:
+    """A command-line value for key ``key``: JSON when it parses (numbers, true/false, null, lists, tables),
+    else the text; comma-separated lists (``milestones=50,75``) for list keys. The config checks the type."""
+    text = text.strip()
+    if _is_textual(key):
+        return None if text.lower() == "null" else text
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if _is_sequence(key):
+            return [_json_or_text(v.strip()) for v in text.split(",") if v.strip()]
+        return text
+
+
+def _json_or_text(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -193,21 +347,22 @@ def _maybe_number(text: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"lr=0.05"`` -> ``("lr", "0.05")`` (coerced later); dotted TOML-style prefixes are dropped."""
+    """``"lr=0.05"`` -> ``("lr", 0.05)``: the one parser of ``--set`` values (dotted TOML-style prefixes are
+    dropped, so ``recipe.lr=0.05`` works too)."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like key=value, e.g. lr=0.05")
+        raise ConfigError(f"--set {text!r} must look like key=value, e.g. --set lr=0.05")
     key, value = text.split("=", 1)
-    return key.strip().split(".")[-1], value
+    key = key.strip().split(".")[-1]
+    if key not in ExperimentConfig.model_fields:
+        raise ConfigError(_unknown_keys_message([key]))
+    return key, parse_value(key, value)
 
 
 def apply_overrides(config: ExperimentConfig, overrides: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> ExperimentConfig:
-    """A copy of ``config`` with ``overrides`` applied (values may be strings from the command line)."""
+    """A checked copy of ``config`` with ``overrides`` applied."""
     items = overrides.items() if isinstance(overrides, Mapping) else overrides
     data = config.to_dict()
-    for key, value in items:
-        if key not in _FIELDS:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(_FIELDS))}")
-        data[key] = _coerce(key, value)
+    data.update(dict(items))
     return ExperimentConfig(**data)
 
 
@@ -215,14 +370,13 @@ def _flatten(table: Mapping[str, Any], source: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in table.items():
         if isinstance(value, Mapping) and key not in ("model_options", "method_options", "data_options"):
-            for k, v in _flatten(value, source).items():
-                if k in flat:
-                    raise ValueError(f"{source}: key {k!r} is set twice")
-                flat[k] = v
+            items = _flatten(value, source).items()
         else:
-            if key in flat:
-                raise ValueError(f"{source}: key {key!r} is set twice")
-            flat[key] = value
+            items = [(key, value)]
+        for k, v in items:
+            if k in flat:
+                raise ConfigError(f"{source}: key {k!r} is set twice")
+            flat[k] = v
     return flat
 
 
@@ -258,25 +412,36 @@ def find_config(name_or_path: str | Path) -> Path:
     )
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The flat keys of a TOML config or of a run folder's ``config.json``."""
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err}); restore it or start a new run with another --out") from err
+        return dict(data.get("config", data))
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    flat = _flatten(data, str(path))
+    flat.setdefault("name", path.stem)
+    return flat
+
+
 def load_config(name_or_path: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> ExperimentConfig:
-    """Read a TOML (or a run directory's ``config.json``) config, then apply ``overrides``."""
-    base = ExperimentConfig()
+    """Read a TOML config (or a run folder's ``config.json``), then apply ``overrides``."""
+    data: dict[str, Any] = {}
     if name_or_path is not None:
         path = find_config(name_or_path)
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-            data = data.get("config", data)
-        else:
-            import tomllib
-
-            try:
-                data = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as err:
-                raise ValueError(f"{path} is not valid TOML: {err}") from err
-        flat = _flatten(data, str(path))
-        flat.setdefault("name", path.stem)
-        base = apply_overrides(base, flat)
-    return apply_overrides(base, overrides)
+        data = read_config_file(path)
+        if path.suffix != ".json" and set(data) - set(ExperimentConfig.model_fields):
+            raise ConfigError(f"{path}: " + _unknown_keys_message(sorted(set(data) - set(ExperimentConfig.model_fields))))
+    data.update(dict(overrides.items() if isinstance(overrides, Mapping) else overrides))
+    return ExperimentConfig(**data)
 
 
 def method_entry(config: ExperimentConfig, entry: str) -> tuple[str, ExperimentConfig]:
@@ -285,18 +450,12 @@ def method_entry(config: ExperimentConfig, entry: str) -> tuple[str, ExperimentC
     Method ``"sgd"`` without ``@`` runs at ``sgd_batch`` (default: the reference batch size, as in the
     paper's baseline); other methods run at the config's ``micro_batch``. Returns ``(label, config)``.
     """
-    from ..methods import get_method
-
-    name, _, batch = entry.partition("@")
-    method = get_method(name).name  # validates the name, listing the choices
+    name, _, batch = _canonical_entry(entry).partition("@")
     if batch:
-        if not batch.isdigit() or int(batch) < 1:
-            raise ValueError(f"bad method entry {entry!r}: after '@' give a micro-batch size, e.g. sgd@128")
         b = int(batch)
-    elif method == "sgd":
+    elif name == "sgd":
         b = config.batch_size if config.sgd_batch == "reference" else int(config.sgd_batch)
     else:
         b = config.micro_batch
-    label = method if b == config.micro_batch else f"{method}@{b}"
-    return label, config.replace(method=method, micro_batch=b)
-
+    label = name if b == config.micro_batch else f"{name}@{b}"
+    return label, config.replace(method=name, micro_batch=b)

@@ -1,14 +1,13 @@
-"""Learning-rate schedules measured in samples, applied through ``torch.optim.lr_scheduler.LambdaLR``."""
+"""Learning-rate schedules measured in samples, applied inside the optimizer at each stage's update count
+(:meth:`pipeprop.optim.PipelineOptimizer.set_lr_schedule`)."""
 
 from __future__ import annotations
 
 import math
 
-import torch
-
 from ..scaling import ScaledRecipe
 
-__all__ = ["lr_factor", "SampleSchedule", "make_scheduler"]
+__all__ = ["lr_factor", "SampleSchedule"]
 
 
 def lr_factor(samples: int, recipe: ScaledRecipe) -> float:
@@ -35,15 +34,11 @@ def lr_factor(samples: int, recipe: ScaledRecipe) -> float:
 
 
 class SampleSchedule:
-    """``LambdaLR`` lambda: step index -> factor of the step's *last* sample (picklable, no closures)."""
+    """Update index ``k`` of a stage (the update of micro-batch ``k``) -> factor at the update's *last*
+    sample (picklable, no closures)."""
 
     def __init__(self, recipe: ScaledRecipe) -> None:
         self.recipe = recipe
 
-    def __call__(self, step: int) -> float:
-        return lr_factor((step + 1) * self.recipe.batch_size, self.recipe)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: ScaledRecipe) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` whose ``step()`` is called after every micro-batch."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, SampleSchedule(recipe))
+    def __call__(self, update: int) -> float:
+        return lr_factor((update + 1) * self.recipe.batch_size, self.recipe)

@@ -1,4 +1,9 @@
-"""Tables (mean ± std over seeds) and plots from stored run directories."""
+"""Tables (mean ± std over seeds) and plots from stored run directories.
+
+Runs are counted by status: completed, interrupted (stopped or Ctrl-C; resumable), killed (a run folder
+with ``config.json`` but no ``summary.json``: the process died, or is still running) and diverged.
+Means and spreads are taken over the completed runs only.
+"""
 
 from __future__ import annotations
 
@@ -31,12 +36,18 @@ class RunRecord:
 
 
 def load_run(run_dir: Path | str) -> RunRecord:
-    """Read ``summary.json`` and ``metrics.jsonl`` of a run directory."""
+    """Read ``summary.json`` and ``metrics.jsonl`` of a run directory (a run without ``summary.json`` but
+    with ``config.json`` was killed: its summary is rebuilt from the config with status ``"killed"``)."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no summary.json: it is not a (finished) pipeprop run")
-    summary = json.loads(summary_path.read_text())
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+    elif (run_dir / "config.json").is_file():
+        cfg = json.loads((run_dir / "config.json").read_text()).get("config", {})
+        summary = {k: cfg.get(k) for k in ("name", "method", "micro_batch", "seed", "model", "dataset", "engine")}
+        summary["status"] = "killed"
+    else:
+        raise FileNotFoundError(f"{run_dir} has no summary.json or config.json: it is not a pipeprop run")
     metrics_path = run_dir / "metrics.jsonl"
     metrics = []
     if metrics_path.is_file():
@@ -49,7 +60,7 @@ def collect_runs(root: Path | str) -> list[RunRecord]:
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root} does not exist")
-    paths = sorted({p.parent for p in root.rglob("summary.json")})
+    paths = sorted({p.parent for name in ("summary.json", "config.json") for p in root.rglob(name)})
     return [load_run(p) for p in paths]
 
 
@@ -66,7 +77,7 @@ def _mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]
 
 
 def aggregate(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """One row per (experiment, method, micro-batch): mean/std over seeds of the non-diverged runs."""
+    """One row per (experiment, method, micro-batch): runs per status, mean/std over the completed runs."""
     groups: dict[tuple[str, str, int], list[RunRecord]] = {}
     for r in runs:
         s = r.summary
@@ -74,14 +85,17 @@ def aggregate(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     rows = []
     for (name, method, b), members in sorted(groups.items(), key=lambda kv: (kv[0][0], _method_rank(kv[0][1]), kv[0][2])):
         ok = [r.summary for r in members if r.summary.get("status") == "completed"]
+        status = [r.summary.get("status") for r in members]
         row: dict[str, Any] = {
             "experiment": name,
             "method": method,
             "micro_batch": b,
             "runs": len(members),
             "completed": len(ok),
-            "diverged": sum(r.summary.get("status") == "diverged" for r in members),
-            "seeds": sorted(r.summary.get("seed") for r in members),
+            "interrupted": sum(s in ("interrupted", "stopped") for s in status),
+            "killed": sum(s == "killed" for s in status),
+            "diverged": sum(s == "diverged" for s in status),
+            "seeds": sorted(r.summary.get("seed") for r in members if r.summary.get("seed") is not None),
         }
         for key in ("final_test_acc", "best_test_acc", "final_train_loss", "samples_per_second"):
             vals = [s[key] for s in ok if s.get(key) is not None]
@@ -90,23 +104,27 @@ def aggregate(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     return rows
 
 
-def _pm(mean: Optional[float], std: Optional[float], scale: float = 1.0, digits: int = 2) -> str:
+def _pm(mean: Optional[float], std: Optional[float], n: int, scale: float = 1.0, digits: int = 2) -> str:
     if mean is None:
         return "–"
+    if n < 2:
+        return f"{mean * scale:.{digits}f} (1 run)"
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A markdown table: test accuracy (%) final and best, final train loss, divergences."""
-    header = "| experiment | method | b | runs | final test acc (%) | best test acc (%) | final train loss | diverged |"
-    lines = [header, "|" + "---|" * 8]
+    """A markdown table: runs per status, then final/best test accuracy (%) and final train loss as
+    mean ± std over the completed runs (the train loss is the mean over each run's final train window)."""
+    header = ("| experiment | method | b | completed | interrupted | killed | diverged | final test acc (%) | "
+              "best test acc (%) | final train loss |")
+    lines = [header, "|" + "---|" * 10]
     for r in rows:
+        n = r["completed"]
         lines.append(
-            f"| {r['experiment']} | {r['method']} | {r['micro_batch']} | {r['runs']} | "
-            f"{_pm(r['final_test_acc_mean'], r['final_test_acc_std'], 100)} | "
-            f"{_pm(r['best_test_acc_mean'], r['best_test_acc_std'], 100)} | "
-            f"{_pm(r['final_train_loss_mean'], r['final_train_loss_std'], 1, 3)} | "
-            f"{r['diverged']}/{r['runs']} |"
+            f"| {r['experiment']} | {r['method']} | {r['micro_batch']} | {n} | {r['interrupted']} | {r['killed']} | "
+            f"{r['diverged']} | {_pm(r['final_test_acc_mean'], r['final_test_acc_std'], n, 100)} | "
+            f"{_pm(r['best_test_acc_mean'], r['best_test_acc_std'], n, 100)} | "
+            f"{_pm(r['final_train_loss_mean'], r['final_train_loss_std'], n, 1, 3)} |"
         )
     return "\n".join(lines) + "\n"
 

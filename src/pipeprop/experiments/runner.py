@@ -1,17 +1,14 @@
 """Run one experiment: seeded, deterministic, resumable, with progress bar, metrics, checkpoints and plots.
 
-A run directory holds::
+:func:`run_experiment` is the one entry point for both engines (``config.engine``): the exact simulator
+runs here in :class:`Runner`; the distributed engine runs through :mod:`pipeprop.distributed.launcher`.
+Both use the same run folder (:mod:`.run_folder`), builders (:mod:`.builders`) and checkpoint files
+(:mod:`.checkpoint`).
 
-    config.json      the resolved config, the scaled recipe and the stage delays
-    metrics.jsonl    one JSON record per evaluation (samples, lr, train/test loss and accuracy, time)
-    summary.json     status ("completed", "diverged", "interrupted", "stopped"), final and best numbers
-    checkpoint.pt    everything needed to continue bit-exactly (written atomically)
-    curves.png       loss and accuracy against samples
-
-``--resume`` restores the model, the optimizer (velocities), the simulator (weight-version rings and
-step), the data stream (order and random state), the learning-rate scheduler, the metrics so far and the
-running training statistics, so an interrupted and resumed run ends with the same weights and metrics
-(except wall-clock times) as one that was never interrupted.
+``--resume`` restores the model, the optimizer (velocities, each stage's update count and so its
+learning rate), the simulator (weight-version rings and step), the data stream (order and random state),
+the metrics so far and the running training statistics, so an interrupted and resumed run ends with the
+same weights and metrics (except wall-clock times) as one that was never interrupted.
 """
 
 from __future__ import annotations
@@ -31,32 +28,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..api import build_simulator
-from ..data import ImageDataset, MicroBatchStream
+from ..data import ImageDataset
 from ..simulator import DivergenceError
-from .builders import ModelFactory, build_augment, build_dataset, build_model
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .builders import (ModelFactory, TrackedCrossEntropy, build_dataset, build_lr_schedule, build_model, build_stream,
+                       optimizer_options)
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
-from .lr_schedule import make_scheduler
+from .run_folder import RunDirError, TrainWindow, claim_run_folder, make_summary, write_config_json, write_metrics, write_summary
+from .tracking import open_logger
 
 __all__ = ["Runner", "run_experiment", "evaluate", "RunDirError", "STATUSES"]
 
 STATUSES = ("completed", "diverged", "interrupted", "stopped")
 CHECKPOINT = "checkpoint.pt"
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked (e.g. it already holds another run)."""
-
-
-class _TrackedCrossEntropy:
-    """Cross-entropy that also counts the correct predictions of the last call (the simulator returns only the loss)."""
-
-    def __init__(self) -> None:
-        self.correct = 0
-
-    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
-        self.correct = int((output.detach().argmax(dim=1) == target).sum())
-        return F.cross_entropy(output, target)
 
 
 @torch.no_grad()
@@ -80,6 +64,7 @@ def evaluate(model: nn.Module, data: ImageDataset, *, batch: int = 500, dtype: t
     return loss_sum / n, correct / n
 
 
+
 @dataclass
 class _Progress:
     """Counters that a checkpoint must carry besides the module states."""
@@ -94,15 +79,18 @@ class _Progress:
 
 
 class Runner:
-    """One training run of ``config`` in ``run_dir`` (build with :meth:`setup`, then :meth:`run`)."""
+    """One simulator run of ``config`` in ``run_dir`` (build with :meth:`setup`, then :meth:`run`)."""
 
     def __init__(self, config: ExperimentConfig, run_dir: Path | str, *, model_factory: Optional[ModelFactory] = None) -> None:
+        if config.engine != "simulator":
+            raise ValueError("Runner runs the simulator; use run_experiment() for engine='distributed'")
         self.config = config
         self.run_dir = Path(run_dir)
         self.model_factory = model_factory
         self.metrics: list[dict[str, Any]] = []
         self.progress = _Progress()
         self._stop_requested = False
+        self._logger: Any = None
 
     # ------------------------------------------------------------------ construction
     def setup(self) -> "Runner":
@@ -118,7 +106,7 @@ class Runner:
         self.train_size = len(self.data.train)
         self.recipe = cfg.scaled(self.train_size)
         self.model = build_model(cfg, self.data, self.model_factory).to(self.device)
-        self.loss_fn = _TrackedCrossEntropy()
+        self.loss_fn = TrackedCrossEntropy()
         self.sim = build_simulator(
             self.model,
             self.loss_fn,
@@ -128,26 +116,14 @@ class Runner:
             weight_decay=self.recipe.weight_decay,
             partition=cfg.partition,
             delay_offset=cfg.delay_offset,
-            **cfg.method_options,
+            **optimizer_options(cfg, build_simulator),
         )
-        b = cfg.micro_batch
-        steps_per_epoch = self.train_size // b
-        if steps_per_epoch == 0:
-            raise ValueError(f"micro_batch {b} is larger than the training set ({self.train_size} examples)")
-        self.total_steps = self.recipe.total_samples // b
-        self.stream = MicroBatchStream(
-            self.data,
-            batch_size=b,
-            epochs=self.total_steps / steps_per_epoch,
-            seed=cfg.seed,
-            augment=build_augment(cfg, self.data),
-            dtype=self.dtype,
-            device=self.device,
-        )
-        self.stream.total_steps = self.total_steps  # exact, independent of float rounding
-        self.scheduler = make_scheduler(self.sim.optimizer, self.recipe)
-        self.eval_every = cfg.eval_every or max(b, self.recipe.total_samples // 20)
+        self.sim.optimizer.set_lr_schedule(build_lr_schedule(self.recipe))
+        self.total_steps = self.recipe.total_samples // cfg.micro_batch
+        self.stream = build_stream(cfg, self.data, self.total_steps, self.device)
+        self.eval_every = cfg.eval_interval(self.recipe.total_samples)
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
+        self.window = TrainWindow(cfg.train_window or self.eval_every)
         return self
 
     @property
@@ -156,103 +132,42 @@ class Runner:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         return {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.sim.optimizer.state_dict(),
             "simulator": self.sim.state_dict(),
             "stream": self.stream.state_dict(),
-            "scheduler": sched,
             "metrics": json.dumps(self.metrics),
             "progress": dict(vars(self.progress)),
+            "window": json.dumps(self.window.entries),
             "torch_rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = ExperimentConfig(**state["config"]).result_dict()
-        mine = self.config.result_dict()
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine.get(k)!r}" for k in diff)
-            raise CheckpointError(
-                f"the checkpoint in {self.run_dir} was written by a different config ({detail}); resume with the "
-                "same settings or use a new output directory"
-            )
         self.model.load_state_dict(state["model"])
         self.sim.optimizer.load_state_dict(state["optimizer"])
         self.sim.load_state_dict(state["simulator"])
         self.stream.load_state_dict(state["stream"])
-        sched = dict(state["scheduler"])
-        sched["lr_lambdas"] = [None] * len(self.sim.optimizer.param_groups)
-        self.scheduler.load_state_dict(sched)
         self.metrics = json.loads(state["metrics"])
         self.progress = _Progress(**state["progress"])
+        self.window = TrainWindow(self.window.size, json.loads(state["window"]))
         torch.set_rng_state(state["torch_rng"])
 
     def save(self) -> None:
-        save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+        save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict(), config_hash=self.config.config_hash())
 
     # ------------------------------------------------------------------ files
-    def _write_config(self) -> None:
-        import pipeprop
-
-        info = {
-            "config": self.config.to_dict(),
-            "scaled_recipe": self.recipe.to_dict(),
-            "num_stages": len(self.delays),
-            "delays": self.delays,
-            "train_size": self.train_size,
-            "test_size": len(self.data.test),
-            "pipeprop_version": pipeprop.__version__,
-            "torch_version": torch.__version__,
-            "command": sys.argv,
-        }
-        atomic_write_text(self.run_dir / "config.json", json.dumps(info, indent=2, default=str) + "\n")
-
-    def _write_metrics(self) -> None:
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
-
     def summary(self, status: str) -> dict[str, Any]:
-        tests = [m["test_acc"] for m in self.metrics if m.get("test_acc") is not None]
-        last = self.metrics[-1] if self.metrics else {}
-        elapsed = self.progress.elapsed
-        return {
-            "name": self.config.name,
-            "status": status,
-            "method": self.config.method,
-            "micro_batch": self.config.micro_batch,
-            "seed": self.config.seed,
-            "model": self.config.model,
-            "dataset": self.config.dataset,
-            "samples": self.progress.samples,
-            "steps": self.progress.steps,
-            "total_samples": self.recipe.total_samples,
-            "final_test_acc": last.get("test_acc"),
-            "final_test_loss": last.get("test_loss"),
-            "final_train_loss": last.get("train_loss"),
-            "final_train_acc": last.get("train_acc"),
-            "best_test_acc": max(tests) if tests else None,
-            "diverged_at": self.progress.diverged_at,
-            "wall_seconds": round(elapsed, 3),
-            "samples_per_second": round(self.progress.samples / elapsed, 2) if elapsed > 0 else None,
-            "num_stages": len(self.delays),
-            "max_delay": max(self.delays) if self.delays else 0,
-            "lr": self.recipe.lr,
-            "momentum": self.recipe.momentum,
-        }
+        p = self.progress
+        return make_summary(self.config, status=status, metrics=self.metrics, recipe=self.recipe, samples=p.samples,
+                            steps=p.steps, elapsed=p.elapsed, delays=self.delays, window=self.window,
+                            diverged_at=p.diverged_at)
 
     def _finish(self, status: str) -> dict[str, Any]:
-        from .plots import plot_run
-
-        self._write_metrics()
         summary = self.summary(status)
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if self.metrics:
-            try:
-                plot_run(self.metrics, self.run_dir / "curves.png", title=f"{self.config.name}: {self.config.method} (b={self.config.micro_batch})")
-            except Exception as err:  # noqa: BLE001 - a plotting failure must not lose the run
-                print(f"warning: could not plot {self.run_dir}: {err}", file=sys.stderr)
+        cfg = self.config
+        write_summary(self.run_dir, summary, self.metrics, f"{cfg.name}: {cfg.method} (b={cfg.micro_batch})")
         return summary
 
     # ------------------------------------------------------------------ training
@@ -263,7 +178,7 @@ class Runner:
             "samples": p.samples,
             "step": p.steps,
             "epoch": round(p.samples / self.train_size, 6),
-            "lr": self.sim.optimizer.param_groups[0]["lr"],
+            "lr": self.sim.optimizer._group_lr(self.sim.optimizer.param_groups[0]),
             "train_loss": p.loss_sum / p.count if p.count else None,
             "train_acc": p.correct / p.count if p.count else None,
             "test_loss": test_loss if math.isfinite(test_loss) else None,
@@ -271,8 +186,10 @@ class Runner:
             "time": round(p.elapsed + time.perf_counter() - t0, 3),
         }
         self.metrics.append(rec)
+        if self._logger is not None:
+            self._logger.log(rec)
         p.loss_sum, p.correct, p.count = 0.0, 0, 0
-        self._write_metrics()
+        write_metrics(self.run_dir, self.metrics)
         if not math.isfinite(test_loss):
             raise DivergenceError(p.steps, test_loss)
 
@@ -284,24 +201,22 @@ class Runner:
     def run(self, *, resume: bool = False, overwrite: bool = False, stop_after_steps: Optional[int] = None,
             show_progress: Optional[bool] = None) -> dict[str, Any]:
         """Train to the end (or until stopped); returns the summary (also written to ``summary.json``)."""
-        ckpt = self.run_dir / CHECKPOINT
+        claim_run_folder(self.run_dir, self.config, resume=resume, overwrite=overwrite)
         if resume:
-            self.load_state_dict(load_checkpoint(ckpt))
+            self.load_state_dict(load_checkpoint(self.run_dir / CHECKPOINT, self.config.config_hash()))
             prev = self.run_dir / "summary.json"
             if self.progress.samples >= self.recipe.total_samples and prev.is_file():
                 return json.loads(prev.read_text())
-        elif (ckpt.exists() or (self.run_dir / "summary.json").exists()) and not overwrite:
-            raise RunDirError(
-                f"{self.run_dir} already holds a run: continue it with --resume, or pass --overwrite "
-                "(or choose another --out)"
-            )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_config()
+        write_config_json(self.run_dir, self.config, recipe=self.recipe, delays=self.delays, train_size=self.train_size,
+                          test_size=len(self.data.test), eval_every=self.eval_every, train_window=self.window.size)
+        self._logger = open_logger(self.config.logger, self.run_dir, resume_at=self.progress.samples if resume else None)
         handlers = self._install_signal_handlers()
         try:
             status = self._loop(stop_after_steps, self.config.progress if show_progress is None else show_progress)
         finally:
             self._restore_signal_handlers(handlers)
+            if self._logger is not None:
+                self._logger.close()
         return self._finish(status)
 
     def _install_signal_handlers(self) -> dict[int, Any]:
@@ -334,7 +249,6 @@ class Runner:
                       file=sys.stderr) as bar:
                 for x, y in self.stream:
                     loss = self.sim.step(x, y)
-                    self.scheduler.step()
                     n = int(y.shape[0])
                     before = p.samples
                     p.samples += n
@@ -342,6 +256,7 @@ class Runner:
                     p.loss_sum += loss * n
                     p.correct += self.loss_fn.correct
                     p.count += n
+                    self.window.add(n, loss * n, self.loss_fn.correct)
                     if limit is not None and p.loss_sum / p.count > limit:
                         raise DivergenceError(p.steps, p.loss_sum / p.count)
                     if p.samples // self.eval_every > before // self.eval_every or p.samples >= total:
@@ -378,6 +293,18 @@ class Runner:
 def run_experiment(config: ExperimentConfig, run_dir: Path | str, *, resume: bool = False, overwrite: bool = False,
                    stop_after_steps: Optional[int] = None, model_factory: Optional[ModelFactory] = None,
                    show_progress: Optional[bool] = None) -> dict[str, Any]:
-    """Build and run one experiment; returns its summary (see :class:`Runner`)."""
+    """Build and run one experiment with its engine (``config.engine``); returns its summary.
+
+    ``stop_after_steps`` stops (with a checkpoint, status ``"stopped"``) after that many micro-batches
+    (simulator) or pipeline steps (distributed).
+    """
+    if config.engine == "distributed":
+        if model_factory is not None:
+            raise ValueError("the distributed engine builds the model on every rank from the config: give the model "
+                             "as a name or 'module:function', not model_factory")
+        from ..distributed.launcher import run_distributed
+
+        return run_distributed(config, run_dir, resume=resume, overwrite=overwrite, stop_after_steps=stop_after_steps,
+                               show_progress=show_progress)
     runner = Runner(config, run_dir, model_factory=model_factory).setup()
     return runner.run(resume=resume, overwrite=overwrite, stop_after_steps=stop_after_steps, show_progress=show_progress)

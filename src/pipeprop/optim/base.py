@@ -9,12 +9,15 @@ pipeline stages: group ``i`` holds stage ``i``'s parameters and its delay ``grou
 * :meth:`backward_weights` — the tensors the backward pass running *now* should use in place of the
   weights saved by its forward (``None``: the live weights, as on real PB hardware).
 
-Learning-rate schedulers from ``torch.optim.lr_scheduler`` work unchanged (they edit ``group["lr"]``).
+A learning-rate schedule lives inside the optimizer: :meth:`PipelineOptimizer.set_lr_schedule` makes every
+stage use ``group["lr"] * schedule(k)``, with ``k`` the updates *that stage* has applied (kept in the group,
+so in the optimizer's ``state_dict``); both engines use it. Schedulers from ``torch.optim.lr_scheduler``
+also work (they edit ``group["lr"]``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +43,32 @@ class PipelineOptimizer(torch.optim.Optimizer):
     #: parameter's ``.data`` to a new tensor (an out-of-place update), so no copy of the weights is needed
     keep_previous_weights: bool = False
 
+    #: learning-rate factor of a stage's update number ``k = 0, 1, ...`` (see :meth:`set_lr_schedule`)
+    lr_schedule: Optional[Callable[[int], float]] = None
+
+    def set_lr_schedule(self, schedule: Optional[Callable[[int], float]]) -> None:
+        """Scale each stage's learning rate by ``schedule(k)``, ``k`` = the updates that stage has applied.
+
+        The count is the group's ``"updates"`` entry (saved and restored with the optimizer's
+        ``state_dict``); a stage counts an update when one of its parameters had a gradient at ``step()``.
+        """
+        self.lr_schedule = schedule
+        for group in self.param_groups:
+            group.setdefault("updates", 0)
+        if schedule is not None and getattr(self, "_update_counter", None) is None:
+            self._update_counter = self.register_step_post_hook(_count_updates)
+
+    def stage_updates(self, group: dict[str, Any]) -> int:
+        """Updates this stage has applied since :meth:`set_lr_schedule`."""
+        return int(group.get("updates", 0))
+
+    def _group_lr(self, group: dict[str, Any]) -> float:
+        """The stage's effective learning rate now: ``lr`` times the schedule at its update count (hook for
+        subclasses, e.g. PipeMare's per-stage warm-up factor)."""
+        if self.lr_schedule is None:
+            return group["lr"]
+        return group["lr"] * self.lr_schedule(self.stage_updates(group))
+
     def forward_uses_live_weights(self, group: dict[str, Any]) -> bool:
         """True when :meth:`forward_weights` would return the live weights unchanged."""
         return not self.predicts_forward_weights
@@ -63,3 +92,9 @@ class PipelineOptimizer(torch.optim.Optimizer):
 
     def stage_delay(self, group: dict[str, Any]) -> int:
         return int(group.get("delay", 0))
+
+
+def _count_updates(optimizer: PipelineOptimizer, args: Any, kwargs: Any) -> None:
+    for group in optimizer.param_groups:
+        if any(p.grad is not None for p in group["params"]):
+            group["updates"] = int(group.get("updates", 0)) + 1

@@ -143,10 +143,6 @@ class PipelineSGD(PipelineOptimizer):
     def _keeps_velocity(self, group: dict[str, Any]) -> bool:
         return group["momentum"] != 0.0 or group["weight_prediction"]
 
-    def _group_lr(self, group: dict[str, Any]) -> float:
-        """The stage's effective learning rate now (hook: e.g. PipeMare's per-stage warm-up factor)."""
-        return group["lr"]
-
     def _process_grads(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Transform ``g`` (loss gradient plus coupled L2) before the momentum update (hook; must not modify
         ``grads`` in place, they may be the parameters' ``.grad``)."""

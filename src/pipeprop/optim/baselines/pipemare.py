@@ -100,10 +100,10 @@ class PipeMare(PipelineSGD):
         return 0
 
     def _group_lr(self, group: dict[str, Any]) -> float:
+        lr = super()._group_lr(group)
         if not group["lr_rescheduling"]:
-            return group["lr"]
-        factor = pipemare_lr_factor(self.stage_delay(group), self.stage_steps(group), group["pipemare_warmup_steps"])
-        return group["lr"] * factor
+            return lr
+        return lr * pipemare_lr_factor(self.stage_delay(group), self.stage_steps(group), group["pipemare_warmup_steps"])
 
     def _decay(self, group: dict[str, Any]) -> float:
         g = group["pipemare_decay"]
