@@ -224,24 +224,35 @@ def test_rank_that_hangs_ends_every_other_rank(tmp_path: Path) -> None:
 CLI_ARGS = [
     "--model", "mlp", "--set", 'model_options={"hidden": 16}', "--dataset", "digits", "--method", "pb+sc+lwp",
     "--samples", "24", "--batch-size", "1", "--micro-batch", "1", "--lr", "0.05", "--momentum", "0.9",
-    "--schedule", "constant", "--dtype", "float64", "--seed", "3", "--timeout", "60", "--no-progress", "--no-eval",
+    "--schedule", "constant", "--dtype", "float64", "--seed", "3", "--timeout", "60", "--no-progress",
 ]
+TINY = dict(model="mlp", model_options={"hidden": 16}, dataset="digits", method="pb+sc+lwp", samples=24, batch_size=1,
+            micro_batch=1, lr=0.05, momentum=0.9, schedule="constant", dtype="float64", seed=3, timeout=60.0,
+            progress=False, engine="distributed", nproc=2, test_subset=100)
 
 
 def test_bad_configuration_is_rejected_before_any_process_starts(tmp_path: Path) -> None:
-    from pipeprop.distributed import DistributedConfig, launch
+    from pipeprop.experiments import ExperimentConfig, run_experiment
+    from pipeprop.experiments.config import ConfigError
+    from pipeprop.experiments.run_folder import RunDirError
 
+    cfg = ExperimentConfig(**TINY)
     with pytest.raises(ValueError, match="only 3 pipeline stages"):
-        launch(4, CLI_ARGS + ["--out", str(tmp_path / "a")])
-    with pytest.raises(ValueError, match="unknown backend"):
-        launch(2, CLI_ARGS + ["--out", str(tmp_path / "b"), "--backend", "mpi-over-carrier-pigeon"])
-    with pytest.raises(ValueError, match="unknown backend"):
-        DistributedConfig(backend="tcp")
+        run_experiment(cfg.replace(nproc=4), tmp_path / "a")
+    with pytest.raises(ConfigError, match="backend = 'carrier-pigeon': allowed: 'auto', 'gloo' or 'nccl'"):
+        cfg.replace(backend="carrier-pigeon")
     with pytest.raises(ValueError, match="synchronous"):
-        launch(2, CLI_ARGS + ["--out", str(tmp_path / "c"), "--method", "sgd"])
+        run_experiment(cfg.replace(method="sgd"), tmp_path / "c")
     with pytest.raises(ValueError, match="at least one stage"):
         assign_stages(pipeprop.partition(make_model("mlp")).stages, 2, "4,0")
-    assert not (tmp_path / "a" / "result.json").exists()
+    assert not (tmp_path / "a").exists()
+    # a folder holding a simulator run (or any other run) is never written into
+    sim = cfg.replace(engine="simulator", samples=8)
+    run_experiment(sim, tmp_path / "sim")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "sim").iterdir() if p.is_file()}
+    with pytest.raises(RunDirError, match=r"engine: 'distributed' vs 'simulator' stored.*--overwrite"):
+        run_experiment(cfg, tmp_path / "sim")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "sim").iterdir() if p.is_file()} == before
 
 
 @pytest.mark.slow
@@ -276,18 +287,41 @@ def test_engine_rejects_delays_it_cannot_realize() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- torchrun, checkpoint, resume
+def _ranks_on_their_own(run: Path, world: int, *extra: str) -> list[subprocess.CompletedProcess]:
+    """Start every rank of a ``torchrun -m pipeprop.distributed`` job by hand (as torchrun would)."""
+    port = str(free_port())
+    procs = []
+    for r in range(world):
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeprop.distributed", "--config", str(run / "config.json"),
+                                       "--out", str(run), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), *p.communicate()) for p in procs]
+
+
 @pytest.mark.slow
-def test_launch_checkpoint_resume_equals_simulator(tmp_path: Path) -> None:
-    """`launch` (torchrun): stop after step 9 with checkpoints, resume, and match the uninterrupted simulator."""
+def test_cli_resume_of_a_distributed_run_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Stop after pipeline step 9 (checkpoints), resume with `pipeprop train --engine distributed --resume`,
+    and match the uninterrupted run written out by hand with the simulator; then damage a checkpoint."""
+    from click.testing import CliRunner
+
+    from pipeprop.cli import main
     from pipeprop.data import MicroBatchStream, load_digits
-    from pipeprop.distributed import launch
+    from pipeprop.experiments import ExperimentConfig, run_experiment
+    from pipeprop.experiments.report import collect_runs, format_table, aggregate
 
     out = tmp_path / "run"
-    first = launch(2, CLI_ARGS + ["--out", str(out), "--stop-after-step", "9"], capture_output=True)
-    assert first["completed"] is False
+    first = run_experiment(ExperimentConfig(**TINY, checkpoint_every=3), out, stop_after_steps=9)
+    assert first["status"] == "stopped" and first["samples"] < 24
     assert (out / "checkpoint" / "rank0.pt").is_file() and (out / "checkpoint" / "rank1.pt").is_file()
-    second = launch(2, CLI_ARGS + ["--out", str(out), "--resume"], capture_output=True)
-    assert second["completed"] is True and len(second["losses"]) == 24
+    intact = tmp_path / "intact"
+    subprocess.run(["cp", "-r", str(out), str(intact)], check=True)
+    res = CliRunner().invoke(main, ["train", "--engine", "distributed", "--out", str(out), "--resume"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    second = json.loads((out / "summary.json").read_text())
+    assert second["status"] == "completed" and second["samples"] == 24 and second["world_size"] == 2
     assert all(0.0 < r["busy_fraction"] <= 1.0 for r in second["ranks"])
 
     # the same run in one process, written out by hand: seed, digits, zoo MLP, simulator, stream
@@ -301,8 +335,31 @@ def test_launch_checkpoint_resume_equals_simulator(tmp_path: Path) -> None:
     final = torch.load(out / "model.pt")
     for key, want in model.state_dict().items():
         assert torch.equal(final[key], want), f"{key}: resumed distributed run differs from the simulator"
-    assert second["losses"] == losses
-    assert json.loads((out / "result.json").read_text())["assignment"] == second["assignment"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["samples"] == 24 and metrics[-1]["train_loss"] == pytest.approx(sum(losses) / 24, rel=1e-12)
+    assert second["final_train_loss"] == pytest.approx(sum(losses) / 24, rel=1e-12)  # window = the 24 samples
+
+    # the run folder reads like a simulator run's
+    rows = aggregate(collect_runs(out))
+    assert rows[0]["completed"] == 1 and rows[0]["final_test_acc_mean"] == second["final_test_acc"]
+    assert "| pb+sc+lwp | 1 | 1 | 0 | 0 | 0 |" in format_table(rows)
+    rep = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")], catch_exceptions=False)
+    assert rep.exit_code == 0 and (tmp_path / "rep" / "comparison.png").is_file()
+
+    # a flipped bit in one rank's checkpoint: a clear error naming the file, on every rank, nobody waits
+    ckpt = intact / "checkpoint" / "rank1.pt"
+    raw = bytearray(ckpt.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    ckpt.write_bytes(bytes(raw))
+    t0 = time.monotonic()
+    done = _ranks_on_their_own(intact, 2, "--resume")
+    assert time.monotonic() - t0 < 60
+    for r, proc in enumerate(done):
+        assert proc.returncode == 2, proc.stderr
+        assert f"rank {r}: error: CheckpointError: checkpoint {ckpt} is damaged" in proc.stderr, proc.stderr
+        assert "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    res = CliRunner().invoke(main, ["train", "--out", str(intact), "--resume"], catch_exceptions=False)
+    assert res.exit_code == 1 and f"checkpoint {ckpt} is damaged" in res.output
 
 
 def test_assignment_balances_estimated_cost() -> None:
