@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from pipeprop.cli import main
 from pipeprop.experiments import load_config, run_experiment
+from pipeprop.experiments.checkpoint import load_checkpoint
 
 TINY = ["--model", "mlp", "--set", 'model_options={"hidden": 16}', "--dataset", "digits", "--batch-size", "16",
         "--lr", "0.1", "--momentum", "0.9", "--test-subset", "200", "--no-progress"]
@@ -53,16 +54,18 @@ def test_compare_on_digits_writes_table_and_plot(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     table = (out / "results.md").read_text()
     for method, b in (("sgd", 16), ("pb", 1), ("pb+sc+lwp", 1), ("pipemare", 1)):
-        assert re.search(rf"\| {re.escape(method)} \| {b} \| 2 \| \d+\.\d\d ± \d+\.\d\d", table), (method, table)
+        assert re.search(rf"\| {re.escape(method)} \| {b} \| 2 \| 0 \| 0 \| 0 \| \d+\.\d\d ± \d+\.\d\d", table), (method, table)
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "pb+sc+lwp").iterdir()) == ["seed0", "seed1"]
     rows = json.loads((out / "results.json").read_text())["rows"]
     # the table's mean is the mean of the per-seed summaries
     accs = [json.loads((out / "pb" / f"seed{s}" / "summary.json").read_text())["final_test_acc"] for s in (0, 1)]
     assert next(r for r in rows if r["method"] == "pb")["final_test_acc_mean"] == pytest.approx(sum(accs) / 2)
-    # rerunning reuses the finished runs
+    # rerunning reuses the finished runs; rerunning with another setting is refused, naming the keys
     again = invoke("compare", *TINY, "--samples", "160", "--methods", "pb", "--seeds", "0", "--out", str(out))
     assert "reusing" in again.output
+    other = invoke("compare", *TINY, "--samples", "160", "--lr", "0.05", "--methods", "pb", "--seeds", "0", "--out", str(out))
+    assert other.exit_code == 1 and "lr: 0.05 vs 0.1 stored" in other.output and "--overwrite" in other.output
     # report rebuilds the table from the run directories
     rep = invoke("report", str(out), "--out", str(tmp_path / "rep"))
     assert rep.exit_code == 0 and (tmp_path / "rep" / "results.md").read_text().count("| cli |") == 0
@@ -89,7 +92,16 @@ def test_train_resume_after_corruption_is_a_clear_error(tmp_path: Path) -> None:
     assert invoke("train", *TINY, "--samples", "40", "--out", str(run)).exit_code == 0
     (run / "checkpoint.pt").write_bytes(b"garbage")
     res = invoke("train", "--out", str(run), "--resume")
-    assert res.exit_code == 1 and "corrupt or truncated" in res.output
+    assert res.exit_code == 1 and f"checkpoint {run / 'checkpoint.pt'} is damaged" in res.output
+
+
+def test_wrong_types_from_the_command_line_name_the_key(tmp_path: Path) -> None:
+    for args, message in ((["--set", "weight_decay=fast"], "weight_decay = 'fast': Input should be a valid number"),
+                          (["--set", "seed=1.5"], "seed = 1.5: Input should be a valid integer"),
+                          (["--set", "augment=maybe"], "augment = 'maybe': Input should be a valid boolean"),
+                          (["--partition", "rows"], "partition = 'rows': use 'layer', 'block'")):
+        res = invoke("train", *TINY, *args, "--samples", "8", "--out", str(tmp_path / "x"))
+        assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, res.output
 
 
 PAPER_NETWORKS = [f"cifar10-{n}" for n in ("vgg11", "vgg13", "vgg16", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")]
@@ -154,8 +166,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path: Pat
     # the same run without interruption, in process
     ref = run_experiment(load_config(run / "config.json").replace(progress=False), tmp_path / "ref")
     assert ref["status"] == "completed"
-    a = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["model"]
+    a = load_checkpoint(run / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "time"} for l in p.read_text().splitlines()]  # noqa: E731
     assert strip(run / "metrics.jsonl") == strip(tmp_path / "ref" / "metrics.jsonl")
