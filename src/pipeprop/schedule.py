@@ -27,6 +27,8 @@ __all__ = [
     "forward_step",
     "backward_step",
     "forward_version",
+    "forward_microbatch",
+    "backward_microbatch",
     "num_steps",
     "fill_bubble_fraction",
 ]
@@ -62,6 +64,19 @@ def backward_step(microbatch: int, stage: int, num_stages: int) -> int:
     """Pipeline step in which ``stage`` runs the backward (and update) of ``microbatch``."""
     _check_stage(stage, num_stages)
     return microbatch + 2 * (num_stages - 1) - stage
+
+
+def forward_microbatch(step: int, stage: int, num_stages: int) -> int:
+    """Micro-batch whose forward ``stage`` runs in pipeline step ``step`` (inverse of :func:`forward_step`;
+    outside ``0..M-1`` during fill and drain)."""
+    _check_stage(stage, num_stages)
+    return step - stage
+
+
+def backward_microbatch(step: int, stage: int, num_stages: int) -> int:
+    """Micro-batch whose backward ``stage`` runs in pipeline step ``step`` (inverse of :func:`backward_step`)."""
+    _check_stage(stage, num_stages)
+    return step - 2 * (num_stages - 1) + stage
 
 
 def forward_version(microbatch: int, delay: int) -> int:

@@ -1,39 +1,34 @@
-"""One rank's part of a real asynchronous Pipelined Backpropagation pipeline.
+"""The loop of one rank of a real asynchronous Pipelined Backpropagation pipeline: messages, data, checkpoints.
 
-The rank owns the contiguous stages ``first..last`` of an ``S``-stage pipeline and runs the schedule of
-:mod:`pipeprop.schedule` step by step: in step ``t`` every local stage ``s`` runs the forward of micro-batch
-``t - s`` (with the weights it holds *now*, or the optimizer's predicted ``forward_weights``), then the
-backward of micro-batch ``t - 2(S-1) + s`` (through the weights it holds *then*: live weights, the stashed
-forward weights for weight stashing, or the optimizer's ``backward_weights``), then the rank updates its
-stages at once. There is no flush: only the first fill and the final drain. Since each stage runs exactly
-the forward/backward/update sequence of the schedule, the run equals :class:`pipeprop.PipelineSimulator`.
+The rank owns the contiguous stages ``first..last`` of an ``S``-stage pipeline, each a
+:class:`~pipeprop.distributed.stage.PipelineStage` (forward/backward of one micro-batch with the weight
+handling). Which micro-batch each stage runs in pipeline step ``t`` comes from :mod:`pipeprop.schedule`
+(``forward_microbatch``/``backward_microbatch``/``num_steps``, the one place of the convention): every
+local stage runs one forward, then one backward, then the rank updates its stages at once. There is no
+flush: only the first fill and the final drain. Since each stage runs exactly the forward/backward/update
+sequence of the schedule, the run equals :class:`pipeprop.PipelineSimulator`.
 
 Activations go to the next rank and errors to the previous one through :mod:`.comm` (async isend/irecv,
-bounded queues, timeouts). Each in-flight micro-batch keeps its autograd graph; saved tensors that alias
-weights are rebound at backward time (:func:`pipeprop.weight_swap.rebound_saved_weights`), which also
-keeps autograd's version check quiet although the weights were updated in place in between.
-
-Checkpoints are taken between steps: in-flight micro-batches are saved as their stage input plus the
-forward weights, buffers and RNG state they saw, and their graphs are recomputed on resume (bit-identical
-on the same machine), so a resumed run equals an uninterrupted one.
+bounded queues, timeouts). Checkpoints are taken between steps: in-flight micro-batches are saved as
+their stage input plus the forward weights, buffers and RNG state they saw, and their graphs are
+recomputed on resume, so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..optim.base import PipelineOptimizer, group_params
-from ..schedule import stage_delay
+from ..optim.base import PipelineOptimizer
+from ..schedule import backward_microbatch, forward_microbatch, num_steps, stage_delay
 from ..simulator import WEIGHT_MODES, DivergenceError
-from ..weight_swap import rebound_saved_weights, swapped_weights
 from .comm import Inbox, Outbox, Payload, PipelineComm
+from .stage import PipelineStage, as_input, detached, to_device
 
 __all__ = ["DistributedPipeline", "RunStats"]
 
@@ -71,73 +66,6 @@ class RunStats:
             "busy_fraction": self.busy_fraction,
             "completed": self.completed,
         }
-
-
-@dataclass
-class _Record:
-    """An in-flight micro-batch at one stage: its input, output graph and what its forward saw."""
-
-    inputs: Payload
-    weights: Optional[list[Tensor]] = None  # forward weights when they are not the live parameters
-    output: Payload = None
-    loss: Optional[Tensor] = None
-    rng: Optional[Tensor] = None
-    buffers: Optional[list[Tensor]] = None
-
-
-class _Slot:
-    """A local stage with its optimizer group and in-flight micro-batches."""
-
-    def __init__(self, index: int, module: nn.Module, group: dict[str, Any], num_stages: int) -> None:
-        self.index = index
-        self.module = module
-        self.group = group
-        self.params = group_params(group)
-        self.distance = stage_delay(index, num_stages)  # steps between a forward and its backward
-        self.inflight: dict[int, _Record] = {}
-        self.override: Optional[list[Tensor]] = None
-
-
-def _leaves(payload: Payload) -> list[Optional[Tensor]]:
-    if payload is None:
-        return []
-    if isinstance(payload, Tensor):
-        return [payload]
-    return list(payload)
-
-
-def _rebuild(payload: Payload, leaves: list[Optional[Tensor]]) -> Payload:
-    if payload is None:
-        return None
-    if isinstance(payload, Tensor):
-        return leaves[0]
-    return tuple(leaves)
-
-
-def _as_input(payload: Payload, device: torch.device) -> Payload:
-    """A detached copy on ``device`` whose floating tensors require grad (a stage's input leaves)."""
-    out = []
-    for t in _leaves(payload):
-        if t is None:
-            out.append(None)
-            continue
-        t = t.detach().to(device)
-        if t.is_floating_point() or t.is_complex():
-            t.requires_grad_(True)
-        out.append(t)
-    return _rebuild(payload, out)
-
-
-def _detached(payload: Payload) -> Payload:
-    return _rebuild(payload, [None if t is None else t.detach() for t in _leaves(payload)])
-
-
-def _to(payload: Any, device: torch.device) -> Any:
-    if isinstance(payload, Tensor):
-        return payload.to(device)
-    if isinstance(payload, (tuple, list)):
-        return type(payload)(_to(p, device) for p in payload)
-    return payload
 
 
 class DistributedPipeline:
@@ -199,7 +127,11 @@ class DistributedPipeline:
             raise ValueError("rank 0 must hold stage 0 (ranks hold consecutive stage ranges in rank order)")
         if self.last < self.num_stages - 1 and comm.rank == comm.world_size - 1:
             raise ValueError("the last rank must hold the last stage (ranks hold consecutive stage ranges in rank order)")
-        self.slots = []
+        if device is None:
+            p = next((p for st in stages for p in st.parameters()), None)
+            device = p.device if p is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        self.slots: list[PipelineStage] = []
         for k, (stage, group) in enumerate(zip(stages, optimizer.param_groups)):
             s = self.first + k
             if {id(p) for p in stage.parameters()} != {id(p) for p in group["params"]}:
@@ -211,15 +143,12 @@ class DistributedPipeline:
                     f"2(S-1-s) = {want}; the distributed engine runs pipelined methods without delay_offset "
                     "(use the simulator for other delays)"
                 )
-            self.slots.append(_Slot(s, stage, group, self.num_stages))
+            self.slots.append(PipelineStage(s, stage, group, self.num_stages, optimizer, weight_mode=weight_mode,
+                                            device=self.device))
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.comm = comm
         self.weight_mode = weight_mode
-        if device is None:
-            p = next((p for st in stages for p in st.parameters()), None)
-            device = p.device if p is not None else torch.device("cpu")
-        self.device = torch.device(device)
         self.queue_capacity = queue_capacity
         self.keep_forward_state = keep_forward_state
         self.check_finite = check_finite
@@ -235,6 +164,15 @@ class DistributedPipeline:
         self._pre_err: dict[int, Payload] = {}
         self._targets: dict[int, Any] = {}
         self._compute = 0.0
+
+    @property
+    def keep_forward_state(self) -> bool:
+        return all(st.keep_forward_state for st in self.slots)
+
+    @keep_forward_state.setter
+    def keep_forward_state(self, value: bool) -> None:
+        for st in self.slots:
+            st.keep_forward_state = bool(value)
 
     # ------------------------------------------------------------------ topology
     @property
@@ -254,13 +192,13 @@ class DistributedPipeline:
         return self.last == self.num_stages - 1
 
     def total_steps(self, num_microbatches: int) -> int:
-        return num_microbatches + 2 * (self.num_stages - 1) if num_microbatches > 0 else 0
+        return num_steps(num_microbatches, self.num_stages)
 
     def _fwd_mb(self, t: int, s: int) -> int:
-        return t - s
+        return forward_microbatch(t, s, self.num_stages)
 
     def _bwd_mb(self, t: int, s: int) -> int:
-        return t - 2 * (self.num_stages - 1) + s
+        return backward_microbatch(t, s, self.num_stages)
 
     # ------------------------------------------------------------------ data
     def _next_batch(self, it: Iterator[Any], n: int) -> tuple[Any, Any]:
@@ -279,78 +217,14 @@ class DistributedPipeline:
     def _input(self, it: Iterator[Any], n: int) -> Payload:
         x, y = self._next_batch(it, n)
         if self.reads_targets:
-            self._targets[n] = _to(y, self.device)
-        return _to(x, self.device)
+            self._targets[n] = to_device(y, self.device)
+        return to_device(x, self.device)
 
     def _target(self, it: Iterator[Any], n: int) -> Any:
         if n in self._targets:
             return self._targets.pop(n)
         _, y = self._next_batch(it, n)
-        return _to(y, self.device)
-
-    # ------------------------------------------------------------------ forward / backward of one stage
-    def _resolver(self, slot: _Slot, rec: _Record) -> Callable[[int, int], Tensor]:
-        def resolve(_group: int, i: int) -> Tensor:
-            if slot.override is not None:
-                return slot.override[i]
-            if self.weight_mode == "stash" and rec.weights is not None:
-                return rec.weights[i]
-            return slot.params[i]
-
-        return resolve
-
-    def _run_forward(self, slot: _Slot, rec: _Record) -> Payload:
-        weights = rec.weights if rec.weights is not None else slot.params
-        with ExitStack() as stack:
-            if slot.params:
-                fwd = {(0, i): w for i, w in enumerate(weights)}
-                stack.enter_context(rebound_saved_weights(fwd, self._resolver(slot, rec)))
-            if rec.weights is not None:
-                stack.enter_context(swapped_weights(slot.params, rec.weights))
-            try:
-                return slot.module(rec.inputs)
-            except (RuntimeError, TypeError, ValueError) as err:
-                names = " > ".join(getattr(slot.module, "names", [type(slot.module).__name__]))
-                raise type(err)(f"stage {slot.index} ({names}) failed in its forward pass: {err}") from err
-
-    def _forward(self, slot: _Slot, n: int, inputs: Payload) -> _Record:
-        opt, group = self.optimizer, slot.group
-        weights: Optional[list[Tensor]] = None
-        if slot.params:
-            if not opt.forward_uses_live_weights(group):
-                weights = opt.forward_weights(group, out=[torch.empty_like(p) for p in slot.params])
-            elif slot.distance > 0 and (self.weight_mode == "stash" or self.keep_forward_state):
-                weights = [p.detach().clone() for p in slot.params]
-        rec = _Record(inputs=inputs, weights=weights)
-        if self.keep_forward_state and slot.distance > 0:
-            rec.rng = torch.get_rng_state()
-            rec.buffers = [b.detach().clone() for b in slot.module.buffers()]
-        rec.output = self._run_forward(slot, rec)
-        slot.inflight[n] = rec
-        return rec
-
-    def _backward(self, slot: _Slot, n: int, error: Payload) -> Payload:
-        rec = slot.inflight.pop(n)
-        for p in slot.params:
-            p.grad = None
-        override = self.optimizer.backward_weights(slot.group) if slot.params else None
-        slot.override = list(override) if override is not None else None
-        try:
-            if rec.loss is not None:
-                rec.loss.backward()
-            else:
-                outs, grads = [], []
-                for o, g in zip(_leaves(rec.output), _leaves(error)):
-                    if o is not None and g is not None and o.requires_grad:
-                        outs.append(o)
-                        grads.append(g.to(o.device, o.dtype))
-                if outs:
-                    torch.autograd.backward(outs, grads)
-        finally:
-            slot.override = None
-        if slot.index == 0:
-            return None
-        return _rebuild(rec.inputs, [None if t is None else t.grad for t in _leaves(rec.inputs)])
+        return to_device(y, self.device)
 
     # ------------------------------------------------------------------ one pipeline step
     def _step(self, t: int, it: Iterator[Any], inbox_act: Optional[Inbox], inbox_err: Optional[Inbox],
@@ -366,25 +240,26 @@ class DistributedPipeline:
                 inputs = self._input(it, n)
             elif s == self.first:
                 raw = self._pre_act.pop(n) if n in self._pre_act else inbox_act.get(f"of micro-batch {n} (step {t})")
-                inputs = _as_input(raw, self.device)
+                inputs = as_input(raw, self.device)
             else:
                 inputs = self._acts.pop((s, n))
             t0 = time.perf_counter()
-            rec = self._forward(slot, n, inputs)
+            output = slot.forward(n, inputs)
             if s == S - 1:
                 target = self._target(it, n)
-                rec.loss = self.loss_fn(rec.output, target)
-                value = float(rec.loss.detach())
+                loss = self.loss_fn(output, target)
+                slot.set_loss(n, loss)
+                value = float(loss.detach())
                 if self.check_finite and not math.isfinite(value):
                     raise DivergenceError(n, value)
                 self.losses.append(value)
             elif s == self.last:
                 assert out_act is not None
                 self._compute += time.perf_counter() - t0
-                out_act.put(_detached(rec.output), f"of micro-batch {n} (step {t})")
+                out_act.put(detached(output), f"of micro-batch {n} (step {t})")
                 continue
             else:
-                self._acts[(s + 1, n)] = _as_input(rec.output, self.device)
+                self._acts[(s + 1, n)] = as_input(output, self.device)
             self._compute += time.perf_counter() - t0
         # backwards, first local stage first: the neighbour's error is needed last
         for slot in self.slots:
@@ -398,7 +273,7 @@ class DistributedPipeline:
             else:
                 error = self._errs.pop((s, n))
             t0 = time.perf_counter()
-            grad_in = self._backward(slot, n, error)
+            grad_in = slot.backward(n, error)
             if s == 0:
                 pass
             elif s == self.first:
@@ -524,19 +399,7 @@ class DistributedPipeline:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything this rank needs to continue exactly (call between steps, e.g. from ``checkpoint_fn``)."""
-        inflight = []
-        for slot in self.slots:
-            recs = {}
-            for n, rec in slot.inflight.items():
-                if slot.distance > 0 and rec.buffers is None:
-                    raise RuntimeError("checkpoints need keep_forward_state=True from the start of the run")
-                recs[n] = {
-                    "inputs": _detached(rec.inputs),
-                    "weights": None if rec.weights is None else [w.detach().clone() for w in rec.weights],
-                    "rng": rec.rng,
-                    "buffers": rec.buffers,
-                }
-            inflight.append(recs)
+        inflight = [slot.inflight_state() for slot in self.slots]
         return {
             "format": 1,
             "stages": (self.first, self.last, self.num_stages),
@@ -548,8 +411,8 @@ class DistributedPipeline:
             "modules": [slot.module.state_dict() for slot in self.slots],
             "optimizer": self.optimizer.state_dict(),
             "inflight": inflight,
-            "acts": {k: _detached(v) for k, v in self._acts.items()},
-            "errs": {k: _detached(v) for k, v in self._errs.items()},
+            "acts": {k: detached(v) for k, v in self._acts.items()},
+            "errs": {k: detached(v) for k, v in self._errs.items()},
             "pre_act": dict(self._pre_act),
             "pre_err": dict(self._pre_err),
             "targets": dict(self._targets),
@@ -567,27 +430,8 @@ class DistributedPipeline:
             )
         if state["weight_mode"] != self.weight_mode:
             raise ValueError(f"checkpoint was written with weight_mode {state['weight_mode']!r}, not {self.weight_mode!r}")
-        self.keep_forward_state = True
         for slot, recs in zip(self.slots, state["inflight"]):
-            slot.inflight.clear()
-            live = [b.detach().clone() for b in slot.module.buffers()]
-            for n in sorted(recs):
-                saved = recs[n]
-                inputs = saved["inputs"] if slot.index == 0 else _as_input(saved["inputs"], self.device)
-                rec = _Record(inputs=_to(inputs, self.device), weights=saved["weights"], rng=saved["rng"], buffers=saved["buffers"])
-                if rec.weights is None and slot.params and slot.distance > 0 and self.weight_mode == "stash":
-                    raise ValueError("checkpoint lacks the stashed weights of an in-flight micro-batch")
-                with torch.no_grad():
-                    for b, v in zip(slot.module.buffers(), rec.buffers or []):
-                        b.copy_(v)
-                with torch.random.fork_rng(devices=[]):
-                    if rec.rng is not None:
-                        torch.set_rng_state(rec.rng)
-                    rec.output = self._run_forward(slot, rec)
-                slot.inflight[n] = rec
-            with torch.no_grad():
-                for b, v in zip(slot.module.buffers(), live):
-                    b.copy_(v)
+            slot.load_inflight_state(recs)
         for slot, sd in zip(self.slots, state["modules"]):
             slot.module.load_state_dict(sd)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -595,11 +439,11 @@ class DistributedPipeline:
         self.num_microbatches = state["num_microbatches"]
         self.losses = list(state["losses"])
         self.consumed = int(state["consumed"])
-        self._acts = {k: _as_input(v, self.device) for k, v in state["acts"].items()}
-        self._errs = {k: _to(v, self.device) for k, v in state["errs"].items()}
+        self._acts = {k: as_input(v, self.device) for k, v in state["acts"].items()}
+        self._errs = {k: to_device(v, self.device) for k, v in state["errs"].items()}
         self._pre_act = dict(state["pre_act"])
         self._pre_err = dict(state["pre_err"])
-        self._targets = {k: _to(v, self.device) for k, v in state["targets"].items()}
+        self._targets = {k: to_device(v, self.device) for k, v in state["targets"].items()}
 
 
 def _progress_bar(total: int, enabled: bool, desc: str):
