@@ -14,12 +14,23 @@ from torch import nn
 
 from ..partition import _balanced_cuts
 
-__all__ = ["AssignmentSpec", "stage_costs", "balance_stages", "assign_stages", "ASSIGNMENT_KINDS"]
+__all__ = ["AssignmentSpec", "forward_flops", "stage_costs", "balance_stages", "assign_stages", "ASSIGNMENT_KINDS"]
 
 #: "flops", "params", "uniform", "2,1,1" (stages per rank) or a sequence of ints
 AssignmentSpec = Union[str, Sequence[int]]
 
 ASSIGNMENT_KINDS = ("flops", "params", "uniform")
+
+
+def forward_flops(module: nn.Module, x: Any) -> tuple[float, Any]:
+    """FLOPs of ``module(x)`` counted by :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add
+    is 2), and the output; the one FLOP counter of pipeprop (no grad, RNG untouched)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), counter:
+        out = module(x)
+    return float(counter.get_total_flops()), out
 
 
 def stage_costs(stages: Sequence[nn.Module], kind: str = "flops", sample_input: Any = None) -> list[float]:
@@ -37,18 +48,15 @@ def stage_costs(stages: Sequence[nn.Module], kind: str = "flops", sample_input: 
         raise ValueError(f"unknown cost estimate {kind!r}; choose one of {ASSIGNMENT_KINDS} or give stage counts")
     if sample_input is None:
         raise ValueError("assignment 'flops' needs a sample input (one micro-batch); or use 'params'")
-    from torch.utils.flop_counter import FlopCounterMode
-
     costs: list[float] = []
     saved = [[b.detach().clone() for b in st.buffers()] for st in stages]
     x = sample_input
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=[]):
         for st in stages:
-            counter = FlopCounterMode(display=False)
-            with counter:
-                x = st(x)
+            flops, x = forward_flops(st, x)
             outs = [x] if isinstance(x, torch.Tensor) else [t for t in x if isinstance(t, torch.Tensor)]
-            costs.append(float(counter.get_total_flops()) + float(sum(t.numel() for t in outs)))
+            costs.append(flops + float(sum(t.numel() for t in outs)))
+    with torch.no_grad():
         for st, bufs in zip(stages, saved):
             for b, v in zip(st.buffers(), bufs):
                 b.copy_(v)

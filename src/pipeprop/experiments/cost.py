@@ -43,26 +43,16 @@ class CostEstimate:
 
 
 def count_macs(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of one forward pass of one sample through conv and linear layers."""
-    total = 0
+    """Multiply-accumulates of one forward pass of one sample (torch's FLOP counter, halved)."""
+    from ..distributed.assignment import forward_flops
 
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            total += output.numel() * k
-        elif isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
     try:
-        with torch.no_grad():
-            model.eval()
-            model(torch.zeros(1, *image_shape))
+        flops, _ = forward_flops(model, torch.zeros(1, *image_shape))
     finally:
-        for h in handles:
-            h.remove()
-    return total
+        model.train(was_training)
+    return int(flops) // 2
 
 
 def _samples(config: ExperimentConfig, train_size: int) -> int:
