@@ -416,3 +416,34 @@ def test_every_registered_pipelined_method_matches_the_simulator_on_one_rank() -
             for got, want in zip(slot.params, ref_params[slot.index], strict=True):
                 torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-13, msg=f"{method} stage {slot.index}")
         torch.testing.assert_close(torch.tensor(stats.losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)
+
+
+class _Halving:
+    """A picklable schedule: the factor halves every 3 updates of a stage."""
+
+    def __call__(self, k: int) -> float:
+        return 0.5 ** (k // 3)
+
+
+def test_lr_schedule_inside_the_optimizer_is_shared_by_both_engines() -> None:
+    """One schedule mechanism: each stage scales its lr at its own update count, in both engines, and the
+    count travels in the optimizer's state_dict (the engine is interrupted and resumed from it)."""
+    ref = pipeprop.build_simulator(make_model("mlp"), F.cross_entropy, method="pb+sc+lwp", lr=LR, momentum=MOMENTUM)
+    ref.optimizer.set_lr_schedule(_Halving())
+    ref_losses = [ref.step(x, y) for x, y in make_batches("mlp")]
+    assert [g["updates"] for g in ref.optimizer.param_groups] == [MICROBATCHES] * len(ref.stages)
+    comm = PipelineComm(0, 1, timeout=5.0, device=torch.device("cpu"))
+    saved: list[dict[str, Any]] = []
+    first = build_pipeline(make_model("mlp"), F.cross_entropy, comm=comm, method="pb+sc+lwp", lr=LR, momentum=MOMENTUM,
+                           assignment="uniform", lr_schedule=_Halving())
+    first.run(make_batches("mlp"), MICROBATCHES, stop_after_step=8, checkpoint_fn=saved.append)
+    # after steps 0..8 stage s has run the backwards of micro-batches n <= 8 - 2(S-1) + s: 3 + s updates (S = 4)
+    assert [g["updates"] for g in saved[0]["optimizer"]["param_groups"]] == [3, 4, 5, 6]
+    second = build_pipeline(make_model("mlp"), F.cross_entropy, comm=comm, method="pb+sc+lwp", lr=LR, momentum=MOMENTUM,
+                            assignment="uniform", lr_schedule=_Halving())
+    second.load_state_dict(saved[0])
+    stats = second.run(make_batches("mlp")[second.consumed:], MICROBATCHES)
+    for slot, ref_stage in zip(second.slots, ref.stages):
+        for got, want in zip(slot.params, ref_stage.parameters(), strict=True):
+            torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(torch.tensor(stats.losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)

@@ -321,3 +321,25 @@ def test_every_method_resumes_bit_exactly(tmp_path: Path, method: str) -> None:
     a, b = final_state(tmp_path / "full"), final_state(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a), method
     assert metrics_without_time(tmp_path / "full") == metrics_without_time(tmp_path / "split")
+
+
+def test_lr_schedule_scales_each_update_by_the_stage_update_count() -> None:
+    """Closed form: plain SGD (no momentum) with schedule f gives w_k+1 = w_k - lr f(k) g_k."""
+    import pipeprop
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = pipeprop.PipelineSGD([{"params": [w], "delay": 0}], lr=0.1)
+    opt.set_lr_schedule(lambda k: 1.0 / (k + 1))
+    expected = w.detach().clone()
+    for k in range(4):
+        g = torch.tensor([0.5, 1.5], dtype=torch.float64) * (k + 1)
+        w.grad = g.clone()
+        opt.step()
+        expected -= 0.1 / (k + 1) * g
+    assert torch.equal(w.detach(), expected)
+    state = opt.state_dict()
+    assert state["param_groups"][0]["updates"] == 4 and state["param_groups"][0]["lr"] == 0.1
+    fresh = pipeprop.PipelineSGD([{"params": [w], "delay": 0}], lr=0.1)
+    fresh.set_lr_schedule(lambda k: 1.0 / (k + 1))
+    fresh.load_state_dict(state)
+    assert fresh._group_lr(fresh.param_groups[0]) == pytest.approx(0.1 / 5)

@@ -88,19 +88,24 @@ class PipelineStage:
     :meth:`state_dict` can save the micro-batches in flight (their graphs are recomputed on load).
     """
 
-    def __init__(self, index: int, module: nn.Module, group: dict[str, Any], num_stages: int, optimizer: PipelineOptimizer,
+    def __init__(self, index: int, module: nn.Module, group_index: int, num_stages: int, optimizer: PipelineOptimizer,
                  *, weight_mode: str, device: torch.device) -> None:
         self.index = index
         self.module = module
-        self.group = group
-        self.params = group_params(group)
+        self.group_index = group_index
         self.optimizer = optimizer
+        self.params = group_params(self.group)
         self.weight_mode = weight_mode
         self.device = device
         self.distance = stage_delay(index, num_stages)  # steps between a forward and its backward
         self.inflight: dict[int, _Record] = {}
         self.override: Optional[list[Tensor]] = None
         self.keep_forward_state = False
+
+    @property
+    def group(self) -> dict[str, Any]:
+        """The stage's optimizer group (looked up each time: ``optimizer.load_state_dict`` replaces the dicts)."""
+        return self.optimizer.param_groups[self.group_index]
 
     # ------------------------------------------------------------------ forward / backward
     def _resolver(self, rec: _Record) -> Callable[[int, int], Tensor]:
