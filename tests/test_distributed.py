@@ -447,3 +447,14 @@ def test_lr_schedule_inside_the_optimizer_is_shared_by_both_engines() -> None:
         for got, want in zip(slot.params, ref_stage.parameters(), strict=True):
             torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(torch.tensor(stats.losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow
+def test_diverged_distributed_run_ends_with_status_not_traceback(tmp_path: Path) -> None:
+    from pipeprop.experiments import ExperimentConfig, run_experiment
+
+    cfg = ExperimentConfig(**{**TINY, "method": "pb", "lr": 1e6, "rule": "linear", "dtype": "float32", "samples": 40})
+    summary = run_experiment(cfg, tmp_path / "div")
+    assert summary["status"] == "diverged" and 0 < summary["diverged_at"] < 40
+    assert json.loads((tmp_path / "div" / "summary.json").read_text())["status"] == "diverged"
+    assert (tmp_path / "div" / "curves.png").is_file() and not (tmp_path / "div" / "model.pt").exists()

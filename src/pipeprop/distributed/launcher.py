@@ -96,12 +96,14 @@ def run_distributed(
     except subprocess.TimeoutExpired as err:
         raise DistributedRunError(f"the distributed run exceeded {timeout}s and was stopped", -1, _errors(out)) from err
     output = ((proc.stdout or "") + (proc.stderr or "")) if capture_output else ""
+    summary_path = out / "summary.json"
+    if proc.returncode != 0 and summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "diverged":
+        return json.loads(summary_path.read_text())  # the last rank recorded the divergence; the others followed
     if proc.returncode != 0:
         errors = _errors(out)
         detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items())) or "see the output above"
         raise DistributedRunError(f"distributed run failed (torchrun exit {proc.returncode}): {detail}", proc.returncode,
                                   errors, output)
-    summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise DistributedRunError(f"the run ended without writing {summary_path}", proc.returncode, _errors(out), output)
     return json.loads(summary_path.read_text())

@@ -10,7 +10,7 @@ simulator's keys plus the distributed ones (``world_size``, ``backend``, ``assig
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 __all__ = ["write_rank0_results", "interval_records"]
 
@@ -40,8 +40,10 @@ def interval_records(losses: list[float], corrects: list[int], *, micro_batch: i
     return records
 
 
-def write_rank0_results(setup: Any, run_dir: Path, gathered: list[dict[str, Any]], completed: bool) -> dict[str, Any]:
-    """Assemble the final model from every rank's stages, evaluate it and write the run folder's files."""
+def write_rank0_results(setup: Any, run_dir: Path, gathered: list[dict[str, Any]], status: str,
+                        diverged_at: Optional[int] = None) -> dict[str, Any]:
+    """Assemble the final model from every rank's stages, evaluate it (when completed) and write the run
+    folder's files; ``gathered`` holds each rank's stages, timings and (last rank) losses."""
     import math
 
     from ..experiments.builders import build_lr_schedule
@@ -66,7 +68,7 @@ def write_rank0_results(setup: Any, run_dir: Path, gathered: list[dict[str, Any]
     wall = max(r["wall"] for r in ranks)
     if metrics:
         metrics[-1]["time"] = round(wall, 3)
-    if completed:
+    if status == "completed":
         atomic_save(setup.model.state_dict(), run_dir / "model.pt")
         loss, acc = evaluate(setup.model, setup.data, batch=cfg.eval_batch, dtype=setup.dtype)
         if metrics:
@@ -76,9 +78,9 @@ def write_rank0_results(setup: Any, run_dir: Path, gathered: list[dict[str, Any]
         window.add(b, value * b, correct)
     delays = list(setup.partition.delays)
     summary = make_summary(
-        cfg, status="completed" if completed else "stopped", metrics=metrics, recipe=recipe, samples=len(losses) * b,
-        steps=len(losses), elapsed=wall, delays=delays, window=window,
-        world_size=len(gathered), backend=setup.backend, assignment=[[r.start, r.stop - 1] for r in setup.ranges],
+        cfg, status=status, metrics=metrics, recipe=recipe, samples=len(losses) * b,
+        steps=len(losses), elapsed=wall, delays=delays, window=window, diverged_at=diverged_at,
+        world_size=cfg.nproc, backend=setup.backend, assignment=[[r.start, r.stop - 1] for r in setup.ranges],
         bubble_fill_drain=fill_bubble_fraction(setup.total_steps, len(setup.partition)), ranks=ranks,
     )
     logger = open_logger(cfg.logger, run_dir, resume_at=0)

@@ -6,7 +6,8 @@ partition and stream with :mod:`pipeprop.experiments.builders`, and checks every
 the process group (bad input and damaged checkpoints fail on every rank, and nobody waits). Rank ``r``
 checkpoints to ``RUN/checkpoint/rank<r>.pt`` (checksummed, atomic). At the end rank 0 gathers the stage
 weights, evaluates the model and writes the same ``metrics.jsonl``, ``summary.json`` and ``curves.png``
-as a simulator run (:mod:`pipeprop.experiments.run_folder`) plus ``model.pt``. A failing rank prints
+as a simulator run (:mod:`pipeprop.experiments.run_folder`) plus ``model.pt``. On a NaN/inf loss the
+last rank writes them instead, with status ``"diverged"``, and leaves (its neighbours follow). A failing rank prints
 ``pipeprop.distributed rank R: error: ...``, writes it to ``errors/rank<r>.txt`` and exits at once, so its
 neighbours notice within the timeout.
 """
@@ -31,6 +32,7 @@ __all__ = ["main", "prepare", "Setup", "EXIT_CONFIG", "EXIT_FAILED", "resolve_ba
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
+EXIT_DIVERGED = 3
 
 
 def resolve_backend(backend: str, device: str) -> str:
@@ -140,6 +142,7 @@ def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, re
     from ..experiments.builders import build_lr_schedule, build_stream, optimizer_options
     from ..experiments.checkpoint import load_checkpoint, save_checkpoint
     from ..experiments.run_folder import check_run_folder, claim_run_folder
+    from ..simulator import DivergenceError
     from .build import build_pipeline
     from .comm import PipelineComm
     from .report import write_rank0_results
@@ -183,14 +186,21 @@ def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, re
     b = cfg.micro_batch
     every = cfg.checkpoint_every or cfg.eval_interval(setup.recipe.total_samples)
     wants_data = engine.reads_inputs or engine.reads_targets
-    stats = engine.run(
-        stream if wants_data else None,
-        setup.total_steps,
-        stop_after_step=None if stop_after_steps is None else stop_after_steps - 1,
-        checkpoint_every=max(1, every // b),
-        checkpoint_fn=save,
-        progress=show_progress and engine.reads_targets,
-    )
+    try:
+        stats = engine.run(
+            stream if wants_data else None,
+            setup.total_steps,
+            stop_after_step=None if stop_after_steps is None else stop_after_steps - 1,
+            checkpoint_every=max(1, every // b),
+            checkpoint_fn=save,
+            progress=show_progress and engine.reads_targets,
+        )
+    except DivergenceError as err:
+        # the last rank computes the loss: it reports the divergence; its neighbours stop when it leaves
+        print(f"pipeprop.distributed rank {rank}: {err}", file=sys.stderr, flush=True)
+        mine = {"stats": {"rank": rank, "wall": 0.0}, "losses": engine.losses, "corrects": list(corrects), "stages": {}}
+        write_rank0_results(setup, run_dir, [mine], "diverged", diverged_at=len(engine.losses) * b)
+        os._exit(EXIT_DIVERGED)
     mine = {
         "stats": stats.as_dict(),
         "losses": stats.losses,
@@ -201,7 +211,7 @@ def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, re
     dist.gather_object(mine, gathered, dst=0)
     if rank == 0:
         assert gathered is not None
-        write_rank0_results(setup, run_dir, gathered, stats.completed)
+        write_rank0_results(setup, run_dir, gathered, "completed" if stats.completed else "stopped")
     dist.destroy_process_group()
     return 0
 
