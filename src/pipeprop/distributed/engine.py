@@ -143,8 +143,7 @@ class DistributedPipeline:
                     f"2(S-1-s) = {want}; the distributed engine runs pipelined methods without delay_offset "
                     "(use the simulator for other delays)"
                 )
-            self.slots.append(PipelineStage(s, stage, k, self.num_stages, optimizer, weight_mode=weight_mode,
-                                            device=self.device))
+            self.slots.append(PipelineStage(s, stage, k, optimizer, weight_mode=weight_mode, device=self.device))
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.comm = comm

@@ -65,8 +65,8 @@ def run_distributed(
     its own per-wait ``config.timeout``); ``env`` adds environment variables (``OMP_NUM_THREADS``
     defaults to 1 per process).
     """
-    from ..experiments.run_folder import claim_run_folder, write_config_json
-    from .worker import prepare, verify_rank_checkpoints
+    from ..experiments.run_folder import claim_run_folder
+    from .worker import prepare, verify_rank_checkpoints, write_run_config
 
     if config.engine != "distributed":
         config = config.replace(engine="distributed")
@@ -78,9 +78,7 @@ def run_distributed(
         if previous.is_file() and json.loads(previous.read_text()).get("status") == "completed":
             return json.loads(previous.read_text())
         verify_rank_checkpoints(out, config, config.nproc)
-    write_config_json(out, config, recipe=setup.recipe, delays=setup.partition.delays, train_size=len(setup.data.train),
-                      test_size=len(setup.data.test), eval_every=config.eval_interval(setup.recipe.total_samples),
-                      ranges=[[r.start, r.stop - 1] for r in setup.ranges])
+    write_run_config(setup, out)
     for stale in [out / "summary.json", *(out / "errors").glob("rank*.txt")]:
         stale.unlink(missing_ok=True)
     progress = config.progress if show_progress is None else show_progress

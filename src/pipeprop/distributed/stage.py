@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from ..optim.base import PipelineOptimizer, group_params
-from ..schedule import stage_delay
 from ..weight_swap import rebound_saved_weights, swapped_weights
 from .comm import Payload
 
@@ -82,14 +81,15 @@ class _Record:
 
 
 class PipelineStage:
-    """Stage ``index`` of an ``num_stages``-stage pipeline, with its optimizer group and in-flight micro-batches.
+    """Stage ``index`` of a pipeline, with its optimizer group (``optimizer.param_groups[group_index]``, whose
+    ``"delay"`` the engine checked against the schedule) and its in-flight micro-batches.
 
     ``keep_forward_state`` keeps each in-flight forward's weights, buffers and RNG state, so that
     :meth:`state_dict` can save the micro-batches in flight (their graphs are recomputed on load).
     """
 
-    def __init__(self, index: int, module: nn.Module, group_index: int, num_stages: int, optimizer: PipelineOptimizer,
-                 *, weight_mode: str, device: torch.device) -> None:
+    def __init__(self, index: int, module: nn.Module, group_index: int, optimizer: PipelineOptimizer, *, weight_mode: str,
+                 device: torch.device) -> None:
         self.index = index
         self.module = module
         self.group_index = group_index
@@ -97,7 +97,6 @@ class PipelineStage:
         self.params = group_params(self.group)
         self.weight_mode = weight_mode
         self.device = device
-        self.distance = stage_delay(index, num_stages)  # steps between a forward and its backward
         self.inflight: dict[int, _Record] = {}
         self.override: Optional[list[Tensor]] = None
         self.keep_forward_state = False
@@ -106,6 +105,11 @@ class PipelineStage:
     def group(self) -> dict[str, Any]:
         """The stage's optimizer group (looked up each time: ``optimizer.load_state_dict`` replaces the dicts)."""
         return self.optimizer.param_groups[self.group_index]
+
+    @property
+    def distance(self) -> int:
+        """Updates between this stage's forward and backward of one micro-batch (the group's delay)."""
+        return self.optimizer.stage_delay(self.group)
 
     # ------------------------------------------------------------------ forward / backward
     def _resolver(self, rec: _Record) -> Callable[[int, int], Tensor]:

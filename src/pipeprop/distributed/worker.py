@@ -27,8 +27,8 @@ import torch
 
 from ..experiments.config import ExperimentConfig
 
-__all__ = ["main", "prepare", "Setup", "EXIT_CONFIG", "EXIT_FAILED", "resolve_backend", "rank_checkpoint",
-           "verify_rank_checkpoints"]
+__all__ = ["main", "prepare", "Setup", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_DIVERGED", "resolve_backend",
+           "rank_checkpoint", "verify_rank_checkpoints", "write_run_config"]
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -95,6 +95,16 @@ def prepare(cfg: ExperimentConfig, world_size: int) -> Setup:
     return Setup(cfg, data, recipe, model, part, ranges, backend, recipe.total_samples // b, dtype)
 
 
+def write_run_config(setup: Setup, run_dir: Path) -> None:
+    """The run folder's ``config.json`` (what every rank reads, and ``--resume`` and ``report`` use)."""
+    from ..experiments.run_folder import write_config_json
+
+    cfg, recipe = setup.config, setup.recipe
+    write_config_json(run_dir, cfg, recipe=recipe, delays=setup.partition.delays, train_size=len(setup.data.train),
+                      test_size=len(setup.data.test), eval_every=cfg.eval_interval(recipe.total_samples),
+                      ranges=[[r.start, r.stop - 1] for r in setup.ranges])
+
+
 def rank_checkpoint(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / "checkpoint" / f"rank{rank}.pt"
 
@@ -158,6 +168,8 @@ def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, re
     comm = PipelineComm.from_env(cfg.timeout, device=device if setup.backend == "nccl" else "cpu")
     if rank == 0:
         claim_run_folder(run_dir, cfg, resume=resume, overwrite=overwrite)
+        if not (run_dir / "config.json").is_file():  # started by torchrun directly, not by the launcher
+            write_run_config(setup, run_dir)
     comm.barrier()
     corrects: list[int] = []
     engine = build_pipeline(
