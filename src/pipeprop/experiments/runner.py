@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ..api import build_simulator
 from ..data import ImageDataset
