@@ -38,10 +38,11 @@ LossFn = Callable[[Any, Any], Tensor]
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 
-    def __init__(self, step: int, loss: float) -> None:
-        self.step, self.loss = step, loss
+    def __init__(self, step: int, loss: float, run: Optional[int] = None) -> None:
+        self.step, self.loss, self.run = step, loss, run
+        where = "" if run is None else f"run {run}: "
         super().__init__(
-            f"loss is {loss} at step {step} (micro-batch {step}): training diverged. Lower the learning rate, "
+            f"{where}loss is {loss} at step {step} (micro-batch {step}): training diverged. Lower the learning rate, "
             "use a mitigation (e.g. method='pb+sc+lwp'), or check the inputs for NaN/inf."
         )
 
@@ -81,6 +82,19 @@ class _WeightRing:
             for t in slot
             if t.untyped_storage().data_ptr() not in live_ptrs
         )
+
+
+def _check_finite(loss: Tensor, step: int) -> None:
+    """Raise :class:`DivergenceError` if the loss (a scalar, or one entry per run) is NaN or infinite."""
+    if loss.dim() == 0:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise DivergenceError(step, value)
+        return
+    bad = (~torch.isfinite(loss)).nonzero()
+    if bad.numel():
+        run = int(bad[0, 0])
+        raise DivergenceError(step, float(loss.reshape(-1)[run]), run=run)
 
 
 def _describe(x: Any) -> str:
@@ -179,8 +193,13 @@ class PipelineSimulator:
                 ) from err
         return out
 
-    def step(self, x: Any, y: Any) -> float:
-        """Push micro-batch ``(x, y)`` through the pipeline; returns its loss (from stale forward weights)."""
+    def step(self, x: Any, y: Any, *, sync: bool = True) -> Any:
+        """Push micro-batch ``(x, y)`` through the pipeline; returns its loss (from stale forward weights).
+
+        With ``sync=False`` the loss comes back as a detached tensor instead of a ``float``, so the step does
+        not wait for the device (unless ``check_finite``, which must read the loss before the update). A loss
+        with one entry per run (:func:`pipeprop.train_many`) is summed for the backward pass.
+        """
         n = self.step_count
         opt = self.optimizer
         for p in self._all_params:  # opt.zero_grad(set_to_none=True), without its per-call overhead
@@ -215,14 +234,14 @@ class PipelineSimulator:
                 stack.enter_context(swapped_weights(swap_params, swap_tensors))
             output = self.forward(x)
             loss = self.loss_fn(output, y)
-        loss_value = float(loss.detach())
-        if self.check_finite and not math.isfinite(loss_value):
-            raise DivergenceError(n, loss_value)
-        loss.backward()
+        loss_value = loss.detach()
+        if self.check_finite:
+            _check_finite(loss_value, n)
+        (loss if loss.dim() == 0 else loss.sum()).backward()
         opt.step()
         self.step_count = n + 1
         self._push_forward_weights(n + 1)
-        return loss_value
+        return float(loss_value) if sync and loss_value.dim() == 0 else loss_value
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ With ``D = 0`` SC and LWP reduce to plain SGD with momentum (``a = 1, b = 0``; `
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -129,6 +129,13 @@ class PipelineSGD(PipelineOptimizer):
 
     supports_keeping_previous_weights = True
 
+    #: the update is elementwise, so K runs whose parameters are stacked along dimension 0
+    #: (:func:`pipeprop.train_many`) stay independent
+    supports_stacked_runs = True
+
+    #: ``group["lr"]`` may be a vector with one learning rate per stacked run
+    supports_per_run_lr = True
+
     @property
     def predicts_forward_weights(self) -> bool:  # type: ignore[override]
         return any(g["weight_prediction"] for g in self.param_groups)
@@ -176,13 +183,13 @@ class PipelineSGD(PipelineOptimizer):
         velocities = [self._lwp_direction(group, p) for p in params]
         if out is None:
             if all(v is not None for v in velocities):  # one pass: w - c η u into new tensors
-                return list(torch._foreach_add(params, velocities, alpha=-self._group_lr(group) * coef))
+                return add_scaled(params, velocities, -self._group_lr(group) * coef)
             out = [torch.empty_like(p) for p in params]
         torch._foreach_copy_(out, params)
         moving = [(o, v) for o, v in zip(out, velocities) if v is not None]
         if moving:
             alpha = -self._group_lr(group) * coef
-            torch._foreach_add_([o for o, _ in moving], [v for _, v in moving], alpha=alpha)
+            add_scaled([o for o, _ in moving], [v for _, v in moving], alpha, inplace=True)
         return out
 
     @torch.no_grad()
@@ -238,12 +245,43 @@ class PipelineSGD(PipelineOptimizer):
         """``w ← w (1 − η λ) − η d``, in place or, under :attr:`keep_previous_weights`, into new tensors."""
         if not self.keep_previous_weights:
             if decoupled_wd != 0.0:
-                torch._foreach_mul_(params, 1.0 - lr * decoupled_wd)
-            torch._foreach_add_(params, direction, alpha=-lr)
+                mul_scaled(params, 1.0 - lr * decoupled_wd, inplace=True)
+            add_scaled(params, direction, -lr, inplace=True)
             return
-        base = torch._foreach_mul(params, 1.0 - lr * decoupled_wd) if decoupled_wd != 0.0 else params
-        for p, new in zip(params, torch._foreach_add(base, direction, alpha=-lr)):
+        base = mul_scaled(params, 1.0 - lr * decoupled_wd) if decoupled_wd != 0.0 else params
+        for p, new in zip(params, add_scaled(base, direction, -lr)):
             p.data = new
+
+
+Scale = Union[float, Tensor]
+
+
+def _run_views(scale: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """``scale`` (one entry per run) shaped to broadcast over each ``[K, ...]`` tensor."""
+    return [scale.view(-1, *([1] * (t.dim() - 1))) for t in tensors]
+
+
+def add_scaled(base: list[Tensor], tensors: list[Tensor], scale: Scale, *, inplace: bool = False) -> list[Tensor]:
+    """``base + scale * tensors``; ``scale`` is a number or a vector with one entry per run (dimension 0)."""
+    if isinstance(scale, Tensor):
+        scaled = torch._foreach_mul(tensors, _run_views(scale, tensors))
+        if inplace:
+            torch._foreach_add_(base, scaled)
+            return base
+        return list(torch._foreach_add(base, scaled))
+    if inplace:
+        torch._foreach_add_(base, tensors, alpha=scale)
+        return base
+    return list(torch._foreach_add(base, tensors, alpha=scale))
+
+
+def mul_scaled(tensors: list[Tensor], scale: Scale, *, inplace: bool = False) -> list[Tensor]:
+    """``scale * tensors``; ``scale`` is a number or a vector with one entry per run (dimension 0)."""
+    factor: Any = _run_views(scale, tensors) if isinstance(scale, Tensor) else scale
+    if inplace:
+        torch._foreach_mul_(tensors, factor)
+        return tensors
+    return list(torch._foreach_mul(tensors, factor))
 
 
 def _check_sc_coefficients(rule: Any) -> None:
