@@ -148,14 +148,17 @@ class PipelineSimulator:
         self._overrides_backward = type(optimizer).backward_weights is not PipelineOptimizer.backward_weights
         self._all_params = [p for group in optimizer.param_groups for p in group["params"]]
         self._rings: list[Optional[_WeightRing]] = []
-        by_reference = optimizer.supports_keeping_previous_weights
+        can_keep = optimizer.supports_keeping_previous_weights
         for group in optimizer.param_groups:
             needs_ring = group_params(group) and (
                 optimizer.stage_delay(group) > 0 or not optimizer.forward_uses_live_weights(group)
             )
+            # a ring of past live weights holds them by reference; one of predictions is written in place
+            by_reference = can_keep and optimizer.forward_uses_live_weights(group)
             ring = _WeightRing(group_params(group), optimizer.stage_delay(group), by_reference) if needs_ring else None
             self._rings.append(ring)
-        if by_reference and any(r is not None for r in self._rings):
+        self._keeps_previous = any(r is not None and r.by_reference for r in self._rings)
+        if self._keeps_previous:
             optimizer.keep_previous_weights = True
         self._push_forward_weights(0)
 
@@ -164,6 +167,18 @@ class PipelineSimulator:
         for ring, group in zip(self._rings, self.optimizer.param_groups):
             if ring is not None:
                 ring.push(version, self.optimizer, group)
+
+    def _spare_weights(self, version: int) -> dict[Tensor, Tensor]:
+        """Storage the update to ``version`` may write into: the tensors of the version that leaves a ring of
+        past weights when ``version`` is pushed (no longer used), or the live weights where no ring keeps them."""
+        spare: dict[Tensor, Tensor] = {}
+        for ring, group in zip(self._rings, self.optimizer.param_groups):
+            params = group["params"]
+            if ring is None or not ring.by_reference:
+                spare.update((p, p.data) for p in params)  # nothing keeps the live weights: update in place
+            else:
+                spare.update(zip(params, ring.slot(version)))  # empty while the ring fills: new tensors
+        return spare
 
     def forward_weights_of(self, stage: int, microbatch: int) -> list[Tensor]:
         """The forward weights stage ``stage`` uses for ``microbatch`` (must be the next or a current one)."""
@@ -238,7 +253,10 @@ class PipelineSimulator:
         if self.check_finite:
             _check_finite(loss_value, n)
         (loss if loss.dim() == 0 else loss.sum()).backward()
+        if self._keeps_previous:
+            opt.spare_weights = self._spare_weights(n + 1)
         opt.step()
+        opt.spare_weights = None
         self.step_count = n + 1
         self._push_forward_weights(n + 1)
         return float(loss_value) if sync and loss_value.dim() == 0 else loss_value

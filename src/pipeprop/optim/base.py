@@ -40,6 +40,10 @@ class PipelineOptimizer(torch.optim.Optimizer):
     #: parameter's ``.data`` to a new tensor (an out-of-place update), so no copy of the weights is needed
     keep_previous_weights: bool = False
 
+    #: set by such an engine before each :meth:`step`: tensors it no longer needs, keyed by parameter, that the
+    #: out-of-place update writes the new weights into instead of allocating new ones (``step()`` empties it)
+    spare_weights: Optional[dict[Tensor, Tensor]] = None
+
     def forward_uses_live_weights(self, group: dict[str, Any]) -> bool:
         """True when :meth:`forward_weights` would return the live weights unchanged."""
         return not self.predicts_forward_weights

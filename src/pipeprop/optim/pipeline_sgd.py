@@ -24,7 +24,7 @@ With ``D = 0`` SC and LWP reduce to plain SGD with momentum (``a = 1, b = 0``; `
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -181,9 +181,9 @@ class PipelineSGD(PipelineOptimizer):
             return super().forward_weights(group, out)
         coef = lwp_coefficient(group["momentum"], self._lwp_horizon(group), group["lwp_mode"])
         velocities = [self._lwp_direction(group, p) for p in params]
+        if all(v is not None for v in velocities):  # one pass: w - c η u
+            return add_scaled(params, velocities, -self._group_lr(group) * coef, out=out)
         if out is None:
-            if all(v is not None for v in velocities):  # one pass: w - c η u into new tensors
-                return add_scaled(params, velocities, -self._group_lr(group) * coef)
             out = [torch.empty_like(p) for p in params]
         torch._foreach_copy_(out, params)
         moving = [(o, v) for o, v in zip(out, velocities) if v is not None]
@@ -242,14 +242,17 @@ class PipelineSGD(PipelineOptimizer):
         return loss
 
     def _apply_update(self, params: list[Tensor], direction: list[Tensor], lr: float, decoupled_wd: float) -> None:
-        """``w ← w (1 − η λ) − η d``, in place or, under :attr:`keep_previous_weights`, into new tensors."""
+        """``w ← w (1 − η λ) − η d``, in place or, under :attr:`keep_previous_weights`, into new tensors (or the
+        engine's :attr:`spare_weights`)."""
         if not self.keep_previous_weights:
             if decoupled_wd != 0.0:
                 mul_scaled(params, 1.0 - lr * decoupled_wd, inplace=True)
             add_scaled(params, direction, -lr, inplace=True)
             return
         base = mul_scaled(params, 1.0 - lr * decoupled_wd) if decoupled_wd != 0.0 else params
-        for p, new in zip(params, add_scaled(base, direction, -lr)):
+        spare = self.spare_weights
+        out = [spare.pop(p, None) for p in params] if spare else None
+        for p, new in zip(params, add_scaled(base, direction, -lr, out=out)):
             p.data = new
 
 
@@ -261,17 +264,30 @@ def _run_views(scale: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     return [scale.view(-1, *([1] * (t.dim() - 1))) for t in tensors]
 
 
-def add_scaled(base: list[Tensor], tensors: list[Tensor], scale: Scale, *, inplace: bool = False) -> list[Tensor]:
-    """``base + scale * tensors``; ``scale`` is a number or a vector with one entry per run (dimension 0)."""
+def add_scaled(
+    base: list[Tensor], tensors: list[Tensor], scale: Scale, *, inplace: bool = False,
+    out: Optional[Sequence[Optional[Tensor]]] = None,
+) -> list[Tensor]:
+    """``base + scale * tensors``; ``scale`` is a number or a vector with one entry per run (dimension 0).
+
+    The result goes into new tensors, into ``base`` (``inplace``) or into ``out`` (entries ``None``: new).
+    """
     if isinstance(scale, Tensor):
         scaled = torch._foreach_mul(tensors, _run_views(scale, tensors))
         if inplace:
             torch._foreach_add_(base, scaled)
             return base
+        if out is not None:
+            return [torch.add(b, t) if o is None else torch.add(b, t, out=o) for o, b, t in zip(out, base, scaled)]
         return list(torch._foreach_add(base, scaled))
     if inplace:
         torch._foreach_add_(base, tensors, alpha=scale)
         return base
+    if out is not None:
+        return [
+            torch.add(b, t, alpha=scale) if o is None else torch.add(b, t, alpha=scale, out=o)
+            for o, b, t in zip(out, base, tensors)
+        ]
     return list(torch._foreach_add(base, tensors, alpha=scale))
 
 
