@@ -21,9 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .api import stage_param_groups
-from .methods import get_method
-from .partition import Granularity, partition as make_partition
+from .api import build_simulator
+from .partition import Granularity, Partition, partition as make_partition
 from .simulator import PipelineSimulator
 
 __all__ = ["StackedStage", "MultiRunSimulator", "build_multi_simulator", "train_many"]
@@ -186,37 +185,31 @@ def build_multi_simulator(
     models = list(models)
     if not models:
         raise ValueError("train_many needs at least one model")
-    k = len(models)
-    lrs = _per_run(lr, k, "lr")
-    spec = get_method(method)
+    lrs = _per_run(lr, len(models), "lr")
     parts = [make_partition(m, partition, delay_offset=delay_offset) for m in models]
     if len({len(p) for p in parts}) != 1:
         raise ValueError("the models split into different numbers of stages; train_many needs one architecture")
-    stacked = [StackedStage([p.stages[s] for p in parts]) for s in range(len(parts[0]))]
-    delays = parts[0].delays if spec.pipelined else [0] * len(stacked)
-    groups = stage_param_groups(stacked, delays)
-    if isinstance(lrs, list):
-        dtype = next((p.dtype for st in stacked for p in st.parameters()), torch.get_default_dtype())
-        device = next((p.device for st in stacked for p in st.parameters()), None)
-        for g in groups:
-            g["lr"] = torch.tensor(lrs, dtype=dtype, device=device)
-        base_lr = min(lrs)
-    else:
-        base_lr = lrs
-    optimizer = spec.optimizer(groups, lr=base_lr, momentum=momentum, weight_decay=weight_decay,
-                               **{**spec.options, **options})
-    if not getattr(optimizer, "supports_stacked_runs", False):
-        raise ValueError(f"method {method!r} ({type(optimizer).__name__}) cannot train stacked runs (its update is "
-                         "not elementwise); train the runs with separate pipeprop.train calls")
-    if isinstance(lrs, list) and not getattr(optimizer, "supports_per_run_lr", False):
-        raise ValueError(f"method {method!r} ({type(optimizer).__name__}) does not support one learning rate per run; "
-                         "give a single lr or group the runs by learning rate")
+    stacked = Partition([StackedStage([p.stages[s] for p in parts]) for s in range(len(parts[0]))],  # type: ignore[misc]
+                        parts[0].granularity, delay_offset)
 
     def stacked_loss(output: Any, target: Any) -> Tensor:
         return vmap(loss_fn)(output, target)
 
-    sim = PipelineSimulator(stacked, optimizer, stacked_loss, weight_mode=spec.weight_mode, check_finite=check_finite)
-    return MultiRunSimulator(stacked, [list(p.stages) for p in parts], sim, loss_fn)
+    sim = build_simulator(stacked, stacked_loss, method=method, lr=min(lrs) if isinstance(lrs, list) else lrs,
+                          momentum=momentum, weight_decay=weight_decay, **options)
+    sim.check_finite = check_finite
+    optimizer = sim.optimizer
+    if not getattr(optimizer, "supports_stacked_runs", False):
+        raise ValueError(f"method {method!r} ({type(optimizer).__name__}) cannot train stacked runs (its update is "
+                         "not elementwise); train the runs with separate pipeprop.train calls")
+    if isinstance(lrs, list):
+        if not getattr(optimizer, "supports_per_run_lr", False):
+            raise ValueError(f"method {method!r} ({type(optimizer).__name__}) does not support one learning rate per "
+                             "run; give a single lr or group the runs by learning rate")
+        for g in optimizer.param_groups:
+            w = g["params"][0] if g["params"] else None
+            g["lr"] = torch.tensor(lrs, dtype=w.dtype if w is not None else None, device=w.device if w is not None else None)
+    return MultiRunSimulator(list(stacked.stages), [list(p.stages) for p in parts], sim, loss_fn)
 
 
 def train_many(
