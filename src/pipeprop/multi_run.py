@@ -106,6 +106,22 @@ def _stack_inputs(items: Sequence[Any], what: str) -> Any:
     raise TypeError(f"train_many stacks tensors or tuples of tensors; got {type(first).__name__} as {what}")
 
 
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Move a stacked micro-batch to the runs' device without blocking the host (pinned memory on CUDA).
+
+    Untested on a GPU so far (none was available); on the CPU nothing moves.
+    """
+    if isinstance(batch, Tensor):
+        if batch.device == device:
+            return batch
+        if device.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.pin_memory()
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
+
+
 class MultiRunSimulator:
     """K runs of one architecture trained as one :class:`PipelineSimulator` over stacked stages.
 
@@ -122,6 +138,8 @@ class MultiRunSimulator:
         self.optimizer = simulator.optimizer
         self.num_runs = stages[0].num_runs
         self._loss_fn = loss_fn
+        first = next((p for st in stages for p in st.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
 
     @property
     def step_count(self) -> int:
@@ -132,7 +150,10 @@ class MultiRunSimulator:
         if len(xs) != self.num_runs or len(ys) != self.num_runs:
             raise ValueError(f"step needs one micro-batch per run ({self.num_runs}); got {len(xs)} inputs and "
                              f"{len(ys)} targets")
-        return self.simulator.step(_stack_inputs(xs, "inputs"), _stack_inputs(ys, "targets"), sync=False)
+        x, y = _stack_inputs(xs, "inputs"), _stack_inputs(ys, "targets")
+        if self.device.type != "cpu":
+            x, y = _to_device(x, self.device), _to_device(y, self.device)
+        return self.simulator.step(x, y, sync=False)
 
     def write_back(self) -> None:
         """Copy each run's trained weights and buffers into its own model."""
@@ -223,6 +244,7 @@ def train_many(
     weight_decay: float = 0.0,
     partition: Granularity = "layer",
     delay_offset: int = 0,
+    check_finite: bool = True,
     **options: Any,
 ) -> list[list[float]]:
     """Train K models of one architecture, each on its own micro-batch stream, as one vmapped simulation.
@@ -233,6 +255,9 @@ def train_many(
     Different seeds and data orders come from the models and streams you pass. Each step stacks the K
     runs' micro-batches, so they must have equal shapes, and all streams the same length. ``loss_fn`` is
     applied per run (under ``torch.func.vmap``). The models are trained in place; returns ``losses[k][n]``.
+    A NaN/inf loss raises :class:`~pipeprop.simulator.DivergenceError` naming the run (this reads every
+    step's losses on the host); ``check_finite=False`` skips the check, and the losses are then read once,
+    at the end. Micro-batches move to the models' device asynchronously (pinned memory on CUDA).
 
     Example::
 
@@ -245,7 +270,7 @@ def train_many(
     if len(streams) != len(models):
         raise ValueError(f"{len(models)} models but {len(streams)} batch streams; give one stream per model")
     sim = build_multi_simulator(models, loss_fn, method=method, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                partition=partition, delay_offset=delay_offset, **options)
+                                partition=partition, delay_offset=delay_offset, check_finite=check_finite, **options)
     losses: list[Tensor] = []
     try:
         while True:

@@ -51,9 +51,10 @@ class _WeightRing:
     """The forward weights of the last ``delay + 1`` versions of one stage.
 
     Two storage modes. *Copy*: preallocated slots that the optimizer writes the forward weights into.
-    *Reference* (when the optimizer can update out of place, :attr:`PipelineOptimizer.keep_previous_weights`):
-    a slot holds the tensors the optimizer returned (the live weights of that version, which later updates
-    no longer touch, or a fresh prediction), so pushing a version copies nothing.
+    *Reference* (for the live weights of a stage whose forward uses them, when the optimizer can update out of
+    place, :attr:`PipelineOptimizer.keep_previous_weights`): a slot holds the live weights of that version,
+    which later updates no longer touch, so pushing a version copies nothing; the update writes the new
+    weights into the slot that is about to be overwritten (:attr:`PipelineOptimizer.spare_weights`).
     """
 
     def __init__(self, params: Sequence[Tensor], delay: int, by_reference: bool) -> None:
@@ -68,8 +69,8 @@ class _WeightRing:
         return self.slots[version % (self.delay + 1)]
 
     def push(self, version: int, optimizer: PipelineOptimizer, group: dict[str, Any]) -> None:
-        if self.by_reference:
-            self.slots[version % (self.delay + 1)] = [t.detach() for t in optimizer.forward_weights(group)]
+        if self.by_reference:  # a ring of live weights (forward_weights(group) would return the parameters)
+            self.slots[version % (self.delay + 1)] = [p.detach() for p in group["params"]]
         else:
             optimizer.forward_weights(group, out=self.slot(version))
 
