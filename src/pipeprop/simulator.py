@@ -165,9 +165,16 @@ class PipelineSimulator:
 
     # ------------------------------------------------------------------ weight versions
     def _push_forward_weights(self, version: int) -> None:
+        predicted = []
         for ring, group in zip(self._rings, self.optimizer.param_groups):
-            if ring is not None:
+            if ring is None:
+                continue
+            if ring.by_reference:
                 ring.push(version, self.optimizer, group)
+            else:
+                predicted.append((group, ring.slot(version)))
+        if predicted:  # all stages' forward weights (e.g. LWP predictions) in one call
+            self.optimizer.forward_weights_into(predicted)
 
     def _spare_weights(self, version: int) -> dict[Tensor, Tensor]:
         """Storage the update to ``version`` may write into: the tensors of the version that leaves a ring of

@@ -60,6 +60,12 @@ class PipelineOptimizer(torch.optim.Optimizer):
         torch._foreach_copy_(out, params)
         return out
 
+    def forward_weights_into(self, stages: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
+        """``forward_weights(group, out=out)`` for every ``(group, out)`` of ``stages``: an engine's one call per
+        step for all its stages (subclasses may do it in one pass)."""
+        for group, out in stages:
+            self.forward_weights(group, out=out)
+
     @torch.no_grad()
     def backward_weights(self, group: dict[str, Any]) -> Optional[list[Tensor]]:
         """Weights the backward pass running now uses in place of the saved forward weights (None: live)."""

@@ -197,6 +197,22 @@ class PipelineSGD(PipelineOptimizer):
         return out
 
     @torch.no_grad()
+    def forward_weights_into(self, stages: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
+        """LWP predictions of all stages in one pass (the same operations as :meth:`forward_weights`)."""
+        if not self.foreach_stages or type(self).forward_weights is not PipelineSGD.forward_weights:
+            return super().forward_weights_into(stages)
+        for group, out in stages:
+            params = group["params"]
+            lr = self._group_lr(group)
+            velocities = [self._lwp_direction(group, p) for p in params] if group["weight_prediction"] else []
+            if self.forward_uses_live_weights(group) or isinstance(lr, Tensor) or any(v is None for v in velocities):
+                self.forward_weights(group, out=out)
+                continue
+            alpha = -lr * lwp_coefficient(group["momentum"], self._lwp_horizon(group), group["lwp_mode"])
+            for p, v, o in zip(params, velocities, out):
+                torch.add(p, v, alpha=alpha, out=o)
+
+    @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         """One update of every stage; a multi-tensor pass over all stages at once (:attr:`foreach_stages`)
         where the options allow it, else the per-stage reference loop (:meth:`_step_stage`); both give the
@@ -388,14 +404,15 @@ def add_scaled(
 
     The result goes into new tensors, into ``base`` (``inplace``) or into ``out`` (entries ``None``: new).
     """
-    if isinstance(scale, Tensor):
-        scaled = torch._foreach_mul(tensors, _run_views(scale, tensors))
+    if isinstance(scale, Tensor):  # base + tensors * scale[k] for run k, in one pass
+        views = _run_views(scale, tensors)
         if inplace:
-            torch._foreach_add_(base, scaled)
+            torch._foreach_addcmul_(base, tensors, views)
             return base
         if out is not None:
-            return [torch.add(b, t) if o is None else torch.add(b, t, out=o) for o, b, t in zip(out, base, scaled)]
-        return list(torch._foreach_add(base, scaled))
+            return [torch.addcmul(b, t, v) if o is None else torch.addcmul(b, t, v, out=o)
+                    for o, b, t, v in zip(out, base, tensors, views)]
+        return list(torch._foreach_addcmul(base, tensors, views))
     if inplace:
         torch._foreach_add_(base, tensors, alpha=scale)
         return base
