@@ -147,3 +147,15 @@ def test_train_many_rejects_bad_input():
     with pytest.raises(RuntimeError, match="dropout"):
         drop = [nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.5), nn.Linear(4, 4)).to(DT) for _ in range(2)]
         pipeprop.train_many(drop, streams, F.cross_entropy, method="pb", lr=0.1)
+
+
+def test_performance_doc_example_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "docs/performance.md has no python example"
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), "performance.md", "exec"), namespace)
+    assert len(namespace["losses"]) == 4 and all(len(run) == 256 for run in namespace["losses"])
