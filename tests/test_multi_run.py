@@ -159,3 +159,24 @@ def test_performance_doc_example_runs():
     namespace: dict = {}
     exec(compile(blocks[0], "performance.md", "exec"), namespace)
     assert len(namespace["losses"]) == 4 and all(len(run) == 256 for run in namespace["losses"])
+
+
+def test_train_many_batchnorm_buffers_follow_each_run():
+    """Running statistics are stacked buffers, updated per run inside the vmapped forward."""
+    def bn_mlp() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).to(DT)
+
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(bn_mlp())
+    refs = [copy.deepcopy(m) for m in models]
+    streams = [[(torch.randn(3, 6, dtype=DT), torch.randint(0, 4, (3,))) for _ in range(6)] for _ in range(2)]
+    losses = pipeprop.train_many(models, streams, F.cross_entropy, method="pb", lr=[0.1, 0.2], momentum=0.9)
+    for k, lr in enumerate([0.1, 0.2]):
+        ref_losses = pipeprop.train(refs[k], streams[k], F.cross_entropy, method="pb", lr=lr, momentum=0.9)
+        torch.testing.assert_close(torch.tensor(losses[k], dtype=DT), torch.tensor(ref_losses, dtype=DT),
+                                   rtol=0, atol=1e-9)
+        for a, b in zip(models[k].state_dict().values(), refs[k].state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    assert not torch.allclose(models[0][1].running_mean, models[1][1].running_mean)
