@@ -372,9 +372,10 @@ class PipelineSGD(PipelineOptimizer):
                     new[j] = w
             else:
                 torch._foreach_add_([base[j] for j in idx], [first[j][0] for j in idx], alpha=alpha)
-        rest = [(j, t, alpha) for j, tt in enumerate(terms) for t, alpha in tt[1:]]
-        for alpha, idx in _buckets([a for _, _, a in rest]).items():
-            torch._foreach_add_([new[rest[k][0]] for k in idx], [rest[k][1] for k in idx], alpha=alpha)
+        for pos in range(1, max(len(tt) for tt in terms)):  # further terms in the reference's order
+            rest = [(j, tt[pos][0], tt[pos][1]) for j, tt in enumerate(terms) if len(tt) > pos]
+            for alpha, idx in _buckets([a for _, _, a in rest]).items():
+                torch._foreach_add_([new[rest[k][0]] for k in idx], [rest[k][1] for k in idx], alpha=alpha)
         if self.keep_previous_weights:
             for p, w in zip(params, new):
                 p.data = w
