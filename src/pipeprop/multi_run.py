@@ -55,11 +55,19 @@ class StackedStage(nn.Module):
         self.delay = int(getattr(first, "delay", 0))
         self._param_names = list(params)
         self._buffer_names = list(buffers)
-        self.stacked = nn.ParameterList([nn.Parameter(params[n].detach()) for n in self._param_names])
+        frozen = {n for n, p in first.named_parameters() if not p.requires_grad}
+        self.stacked = nn.ParameterList(
+            [nn.Parameter(params[n].detach(), requires_grad=n not in frozen) for n in self._param_names]
+        )
         for i, n in enumerate(self._buffer_names):
             self.register_buffer(f"buffer_{i}", buffers[n].detach().clone())
         # the template: run 0's module, holding no state of its own that is used (functional_call replaces it)
         self._template = [first]  # a list, so it is not registered as a submodule
+
+    def train(self, mode: bool = True) -> "StackedStage":
+        super().train(mode)
+        self._template[0].train(mode)
+        return self
 
     def stacked_buffers(self) -> list[Tensor]:
         return [getattr(self, f"buffer_{i}") for i in range(len(self._buffer_names))]
