@@ -140,7 +140,7 @@ def test_train_many_rejects_bad_input():
     with pytest.raises(ValueError, match="same shape"):
         odd = [(x[:1], y[:1]) for x, y in streams[1]]
         pipeprop.train_many(models, [streams[0], odd], F.cross_entropy, method="pb", lr=0.1)
-    with pytest.raises(ValueError, match="not elementwise"):
+    with pytest.raises(ValueError, match="does not support stacked runs"):
         pipeprop.train_many(models, streams, F.cross_entropy, method="pb+ab", lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="one learning rate per run"):
         pipeprop.train_many(models, streams, F.cross_entropy, method="spectrain", lr=[0.1, 0.2], momentum=0.9)

@@ -229,8 +229,10 @@ def build_multi_simulator(
     sim.check_finite = check_finite
     optimizer = sim.optimizer
     if not getattr(optimizer, "supports_stacked_runs", False):
-        raise ValueError(f"method {method!r} ({type(optimizer).__name__}) cannot train stacked runs (its update is "
-                         "not elementwise); train the runs with separate pipeprop.train calls")
+        raise ValueError(f"method {method!r} ({type(optimizer).__name__}) does not support stacked runs: train_many needs "
+                         "an optimizer whose update is elementwise and that sets supports_stacked_runs = True "
+                         "(e.g. Adaptive Braking's cosine would mix the runs); train the runs with separate "
+                         "pipeprop.train calls")
     if isinstance(lrs, list):
         if not getattr(optimizer, "supports_per_run_lr", False):
             raise ValueError(f"method {method!r} ({type(optimizer).__name__}) does not support one learning rate per "
