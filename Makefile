@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_simulator.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_table.py
 
 clean:
 	rm -rf $(VENV) results build dist src/*.egg-info .pytest_cache

@@ -1,11 +1,13 @@
 """Time the PB simulator against plain PyTorch batch-size-1 SGD on the same model and data, in one run.
 
-Usage:  python benchmarks/bench_simulator.py [--steps 1500] [--rounds 5] [--threads 1]
+Usage:  python benchmarks/bench_simulator.py [--steps 50] [--rounds 11] [--threads 1]
 
 For each model (an MLP and a small CNN) and each method, the same micro-batches are trained with
-(a) a plain loop ``loss = f(model(x), y); loss.backward(); torch.optim.SGD.step()`` and (b)
-``PipelineSimulator.step``. Rounds alternate between the two to spread machine noise; the table shows
-the median time per step and the ratio simulator / plain, plus the memory held for weight versions.
+(a) a plain loop ``loss = f(model(x), y); loss.backward(); torch.optim.SGD.step(); loss.item()`` and (b)
+``PipelineSimulator.step`` (which returns the loss as a float, too). The two alternate every ``--steps``
+steps (the order swaps every round), so both see the same machine load; the table shows the median time
+per step and the median over rounds of the ratio simulator / plain, plus the memory held for weight
+versions. ``benchmarks/bench_table.py`` (``make bench``) prints the summary table of docs/performance.md.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -40,50 +43,91 @@ def small_cnn() -> nn.Sequential:
     )
 
 
-def plain_loop(model: nn.Module, data, lr: float, momentum: float) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    start = time.perf_counter()
-    for x, y in data:
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+def interleaved(first: Callable[[], None], second: Callable[[], None], rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds per round of ``first()`` and ``second()``, run alternately (the order swaps every round) so
+    that both see the same machine load; compare them round by round (see :func:`summary`)."""
+    a: list[float] = []
+    b: list[float] = []
+    for r in range(rounds):
+        for fn, out in ((first, a), (second, b)) if r % 2 == 0 else ((second, b), (first, a)):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return a, b
+
+
+def summary(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median of ``a``, median of ``b`` and the median of the per-round ratios ``b / a``."""
+    return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
+
+
+class PlainLoop:
+    """``model(x)``, ``loss.backward()``, ``torch.optim.SGD.step()``, ``loss.item()``: plain PyTorch."""
+
+    def __init__(self, model: nn.Module, lr: float, momentum: float) -> None:
+        self.model = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
         loss.backward()
-        opt.step()
-        loss.item()
-    return (time.perf_counter() - start) / len(data)
+        self.opt.step()
+        return loss.item()
 
 
-def simulator_loop(model: nn.Module, data, method: str, lr: float, momentum: float) -> tuple[float, int]:
-    sim = pipeprop.build_simulator(model, F.cross_entropy, method=method, lr=lr, momentum=momentum)
-    start = time.perf_counter()
-    for x, y in data:
+def chunks(data: list, size: int):
+    """Endless cycle over ``data`` in chunks of ``size`` items."""
+    i = 0
+    while True:
+        yield [data[(i + k) % len(data)] for k in range(size)]
+        i += size
+
+
+def compare(make: Callable[[], nn.Module], data: list, method: str, steps: int, rounds: int,
+            lr: float = 1e-3, momentum: float = 0.9) -> dict:
+    """Plain PyTorch vs ``PipelineSimulator`` on the same model and data, ``steps`` steps per round each."""
+    torch.manual_seed(1)
+    plain = PlainLoop(make(), lr, momentum)
+    torch.manual_seed(1)
+    sim = pipeprop.build_simulator(make(), F.cross_entropy, method=method, lr=lr, momentum=momentum)
+    feed_a, feed_b = chunks(data, steps), chunks(data, steps)
+    for x, y in data[: min(20, len(data))]:  # warm-up: allocator, caches, ring filled
+        plain.step(x, y)
         sim.step(x, y)
-    return (time.perf_counter() - start) / len(data), sim.weight_version_bytes()
+
+    def run_plain() -> None:
+        for x, y in next(feed_a):
+            plain.step(x, y)
+
+    def run_sim() -> None:
+        for x, y in next(feed_b):
+            sim.step(x, y)
+
+    a, b = interleaved(run_plain, run_sim, rounds)
+    p, s, ratio = summary(a, b)
+    return dict(plain_ms=1e3 * p / steps, sim_ms=1e3 * s / steps, ratio=ratio, stages=len(sim.stages),
+                versions_mib=sim.weight_version_bytes() / 2**20)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=50, help="steps per round and loop")
+    ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", default="sgd,pb,pb+sc+lwp,pb+stash")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    data = [(torch.randn(1, 3, 16, 16), torch.randint(0, 10, (1,))) for _ in range(args.steps)]
-    print(f"{args.steps} steps x {args.rounds} rounds, batch size 1, {args.threads} thread(s), torch {torch.__version__}")
+    data = [(torch.randn(1, 3, 16, 16), torch.randint(0, 10, (1,))) for _ in range(500)]
+    print(f"{args.steps} steps x {args.rounds} interleaved rounds, batch size 1, {args.threads} thread(s), "
+          f"torch {torch.__version__}; ratio = median over rounds of sim/plain")
     print(f"{'model':<10} {'method':<10} {'plain ms/step':>13} {'sim ms/step':>11} {'ratio':>6} {'stages':>6} {'versions MiB':>12}")
     for name, make in (("mlp", mlp), ("cnn", small_cnn)):
-        stages = len(pipeprop.partition(make()))
         for method in args.methods.split(","):
-            plain, sim, mem = [], [], 0
-            for _ in range(args.rounds):
-                torch.manual_seed(1)
-                plain.append(plain_loop(make(), data, 1e-3, 0.9))
-                torch.manual_seed(1)
-                t, mem = simulator_loop(make(), data, method, 1e-3, 0.9)
-                sim.append(t)
-            p, s = statistics.median(plain), statistics.median(sim)
-            print(f"{name:<10} {method:<10} {1e3 * p:>13.3f} {1e3 * s:>11.3f} {s / p:>6.2f} {stages:>6} {mem / 2**20:>12.2f}", flush=True)
+            r = compare(make, data, method, args.steps, args.rounds)
+            print(f"{name:<10} {method:<10} {r['plain_ms']:>13.3f} {r['sim_ms']:>11.3f} {r['ratio']:>6.2f} "
+                  f"{r['stages']:>6} {r['versions_mib']:>12.2f}", flush=True)
 
 
 if __name__ == "__main__":

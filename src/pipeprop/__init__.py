@@ -8,6 +8,7 @@ Quick use::
 
 from .api import build_simulator, stage_param_groups, train
 from .methods import Method, available_methods, get_method, register_method
+from .multi_run import build_multi_simulator, train_many
 from .optim import PipelineOptimizer, PipelineSGD
 from .partition import Partition, Stage, partition
 from .schedule import stage_delay, stage_delays
@@ -17,7 +18,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "train",
+    "train_many",
     "build_simulator",
+    "build_multi_simulator",
     "stage_param_groups",
     "Method",
     "available_methods",

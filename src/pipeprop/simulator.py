@@ -38,10 +38,11 @@ LossFn = Callable[[Any, Any], Tensor]
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 
-    def __init__(self, step: int, loss: float) -> None:
-        self.step, self.loss = step, loss
+    def __init__(self, step: int, loss: float, run: Optional[int] = None) -> None:
+        self.step, self.loss, self.run = step, loss, run
+        where = "" if run is None else f"run {run}: "
         super().__init__(
-            f"loss is {loss} at step {step} (micro-batch {step}): training diverged. Lower the learning rate, "
+            f"{where}loss is {loss} at step {step} (micro-batch {step}): training diverged. Lower the learning rate, "
             "use a mitigation (e.g. method='pb+sc+lwp'), or check the inputs for NaN/inf."
         )
 
@@ -50,9 +51,10 @@ class _WeightRing:
     """The forward weights of the last ``delay + 1`` versions of one stage.
 
     Two storage modes. *Copy*: preallocated slots that the optimizer writes the forward weights into.
-    *Reference* (when the optimizer can update out of place, :attr:`PipelineOptimizer.keep_previous_weights`):
-    a slot holds the tensors the optimizer returned (the live weights of that version, which later updates
-    no longer touch, or a fresh prediction), so pushing a version copies nothing.
+    *Reference* (for the live weights of a stage whose forward uses them, when the optimizer can update out of
+    place, :attr:`PipelineOptimizer.keep_previous_weights`): a slot holds the live weights of that version,
+    which later updates no longer touch, so pushing a version copies nothing; the update writes the new
+    weights into the slot that is about to be overwritten (:attr:`PipelineOptimizer.spare_weights`).
     """
 
     def __init__(self, params: Sequence[Tensor], delay: int, by_reference: bool) -> None:
@@ -67,8 +69,8 @@ class _WeightRing:
         return self.slots[version % (self.delay + 1)]
 
     def push(self, version: int, optimizer: PipelineOptimizer, group: dict[str, Any]) -> None:
-        if self.by_reference:
-            self.slots[version % (self.delay + 1)] = [t.detach() for t in optimizer.forward_weights(group)]
+        if self.by_reference:  # a ring of live weights (forward_weights(group) would return the parameters)
+            self.slots[version % (self.delay + 1)] = [p.detach() for p in group["params"]]
         else:
             optimizer.forward_weights(group, out=self.slot(version))
 
@@ -81,6 +83,19 @@ class _WeightRing:
             for t in slot
             if t.untyped_storage().data_ptr() not in live_ptrs
         )
+
+
+def _check_finite(loss: Tensor, step: int) -> None:
+    """Raise :class:`DivergenceError` if the loss (a scalar, or one entry per run) is NaN or infinite."""
+    if loss.dim() == 0:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise DivergenceError(step, value)
+        return
+    bad = (~torch.isfinite(loss)).nonzero()
+    if bad.numel():
+        run = int(bad[0, 0])
+        raise DivergenceError(step, float(loss.reshape(-1)[run]), run=run)
 
 
 def _describe(x: Any) -> str:
@@ -134,22 +149,44 @@ class PipelineSimulator:
         self._overrides_backward = type(optimizer).backward_weights is not PipelineOptimizer.backward_weights
         self._all_params = [p for group in optimizer.param_groups for p in group["params"]]
         self._rings: list[Optional[_WeightRing]] = []
-        by_reference = optimizer.supports_keeping_previous_weights
+        can_keep = optimizer.supports_keeping_previous_weights
         for group in optimizer.param_groups:
             needs_ring = group_params(group) and (
                 optimizer.stage_delay(group) > 0 or not optimizer.forward_uses_live_weights(group)
             )
+            # a ring of past live weights holds them by reference; one of predictions is written in place
+            by_reference = can_keep and optimizer.forward_uses_live_weights(group)
             ring = _WeightRing(group_params(group), optimizer.stage_delay(group), by_reference) if needs_ring else None
             self._rings.append(ring)
-        if by_reference and any(r is not None for r in self._rings):
+        self._keeps_previous = any(r is not None and r.by_reference for r in self._rings)
+        if self._keeps_previous:
             optimizer.keep_previous_weights = True
         self._push_forward_weights(0)
 
     # ------------------------------------------------------------------ weight versions
     def _push_forward_weights(self, version: int) -> None:
+        predicted = []
         for ring, group in zip(self._rings, self.optimizer.param_groups):
-            if ring is not None:
+            if ring is None:
+                continue
+            if ring.by_reference:
                 ring.push(version, self.optimizer, group)
+            else:
+                predicted.append((group, ring.slot(version)))
+        if predicted:  # all stages' forward weights (e.g. LWP predictions) in one call
+            self.optimizer.forward_weights_into(predicted)
+
+    def _spare_weights(self, version: int) -> dict[Tensor, Tensor]:
+        """Storage the update to ``version`` may write into: the tensors of the version that leaves a ring of
+        past weights when ``version`` is pushed (no longer used), or the live weights where no ring keeps them."""
+        spare: dict[Tensor, Tensor] = {}
+        for ring, group in zip(self._rings, self.optimizer.param_groups):
+            params = group["params"]
+            if ring is None or not ring.by_reference:
+                spare.update((p, p.data) for p in params)  # nothing keeps the live weights: update in place
+            else:
+                spare.update(zip(params, ring.slot(version)))  # empty while the ring fills: new tensors
+        return spare
 
     def forward_weights_of(self, stage: int, microbatch: int) -> list[Tensor]:
         """The forward weights stage ``stage`` uses for ``microbatch`` (must be the next or a current one)."""
@@ -179,8 +216,13 @@ class PipelineSimulator:
                 ) from err
         return out
 
-    def step(self, x: Any, y: Any) -> float:
-        """Push micro-batch ``(x, y)`` through the pipeline; returns its loss (from stale forward weights)."""
+    def step(self, x: Any, y: Any, *, sync: bool = True) -> Any:
+        """Push micro-batch ``(x, y)`` through the pipeline; returns its loss (from stale forward weights).
+
+        With ``sync=False`` the loss comes back as a detached tensor instead of a ``float``, so the step does
+        not wait for the device (unless ``check_finite``, which must read the loss before the update). A loss
+        with one entry per run (:func:`pipeprop.train_many`) is summed for the backward pass.
+        """
         n = self.step_count
         opt = self.optimizer
         for p in self._all_params:  # opt.zero_grad(set_to_none=True), without its per-call overhead
@@ -215,14 +257,17 @@ class PipelineSimulator:
                 stack.enter_context(swapped_weights(swap_params, swap_tensors))
             output = self.forward(x)
             loss = self.loss_fn(output, y)
-        loss_value = float(loss.detach())
-        if self.check_finite and not math.isfinite(loss_value):
-            raise DivergenceError(n, loss_value)
-        loss.backward()
+        loss_value = loss.detach()
+        if self.check_finite:
+            _check_finite(loss_value, n)
+        (loss if loss.dim() == 0 else loss.sum()).backward()
+        if self._keeps_previous:
+            opt.spare_weights = self._spare_weights(n + 1)
         opt.step()
+        opt.spare_weights = None
         self.step_count = n + 1
         self._push_forward_weights(n + 1)
-        return loss_value
+        return float(loss_value) if sync and loss_value.dim() == 0 else loss_value
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

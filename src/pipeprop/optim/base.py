@@ -69,6 +69,10 @@ class PipelineOptimizer(torch.optim.Optimizer):
             return group["lr"]
         return group["lr"] * self.lr_schedule(self.stage_updates(group))
 
+    #: set by such an engine before each :meth:`step`: tensors it no longer needs, keyed by parameter, that the
+    #: out-of-place update writes the new weights into instead of allocating new ones (``step()`` empties it)
+    spare_weights: Optional[dict[Tensor, Tensor]] = None
+
     def forward_uses_live_weights(self, group: dict[str, Any]) -> bool:
         """True when :meth:`forward_weights` would return the live weights unchanged."""
         return not self.predicts_forward_weights
@@ -84,6 +88,12 @@ class PipelineOptimizer(torch.optim.Optimizer):
             return params
         torch._foreach_copy_(out, params)
         return out
+
+    def forward_weights_into(self, stages: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
+        """``forward_weights(group, out=out)`` for every ``(group, out)`` of ``stages``: an engine's one call per
+        step for all its stages (subclasses may do it in one pass)."""
+        for group, out in stages:
+            self.forward_weights(group, out=out)
 
     @torch.no_grad()
     def backward_weights(self, group: dict[str, Any]) -> Optional[list[Tensor]]:

@@ -24,7 +24,7 @@ With ``D = 0`` SC and LWP reduce to plain SGD with momentum (``a = 1, b = 0``; `
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -77,6 +77,8 @@ class PipelineSGD(PipelineOptimizer):
             ``f(momentum, delay) -> (a, b)`` (default: :func:`spike_coefficients`).
         lwp_source: direction LWP extrapolates along: ``"velocity"`` (default) or ``"update"`` (the last
             applied update direction, e.g. the SC-modified step ``a v + b g``; costs one buffer per weight).
+        foreach_stages: update all stages with one multi-tensor call per operation (default) where the options
+            allow it; ``False`` runs the per-stage reference loop. Both give the same numbers bit for bit.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class PipelineSGD(PipelineOptimizer):
         lwp_mode: str = "linear",
         sc_coefficients: Any = None,
         lwp_source: str = "velocity",
+        foreach_stages: bool = True,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {lr}")
@@ -126,8 +129,16 @@ class PipelineSGD(PipelineOptimizer):
             lwp_source=lwp_source,
         )
         super().__init__(params, defaults)
+        self.foreach_stages = bool(foreach_stages)
 
     supports_keeping_previous_weights = True
+
+    #: the update is elementwise, so K runs whose parameters are stacked along dimension 0
+    #: (:func:`pipeprop.train_many`) stay independent
+    supports_stacked_runs = True
+
+    #: ``group["lr"]`` may be a vector with one learning rate per stacked run
+    supports_per_run_lr = True
 
     @property
     def predicts_forward_weights(self) -> bool:  # type: ignore[override]
@@ -170,76 +181,253 @@ class PipelineSGD(PipelineOptimizer):
             return super().forward_weights(group, out)
         coef = lwp_coefficient(group["momentum"], self._lwp_horizon(group), group["lwp_mode"])
         velocities = [self._lwp_direction(group, p) for p in params]
+        if all(v is not None for v in velocities):  # one pass: w - c η u
+            return add_scaled(params, velocities, -self._group_lr(group) * coef, out=out)
         if out is None:
-            if all(v is not None for v in velocities):  # one pass: w - c η u into new tensors
-                return list(torch._foreach_add(params, velocities, alpha=-self._group_lr(group) * coef))
             out = [torch.empty_like(p) for p in params]
         torch._foreach_copy_(out, params)
         moving = [(o, v) for o, v in zip(out, velocities) if v is not None]
         if moving:
             alpha = -self._group_lr(group) * coef
-            torch._foreach_add_([o for o, _ in moving], [v for _, v in moving], alpha=alpha)
+            add_scaled([o for o, _ in moving], [v for _, v in moving], alpha, inplace=True)
         return out
 
     @torch.no_grad()
+    def forward_weights_into(self, stages: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
+        """LWP predictions of all stages in one pass (the same operations as :meth:`forward_weights`)."""
+        if not self.foreach_stages or type(self).forward_weights is not PipelineSGD.forward_weights:
+            return super().forward_weights_into(stages)
+        for group, out in stages:
+            params = group["params"]
+            lr = self._group_lr(group)
+            velocities = [self._lwp_direction(group, p) for p in params] if group["weight_prediction"] else []
+            if self.forward_uses_live_weights(group) or isinstance(lr, Tensor) or any(v is None for v in velocities):
+                self.forward_weights(group, out=out)
+                continue
+            alpha = -lr * lwp_coefficient(group["momentum"], self._lwp_horizon(group), group["lwp_mode"])
+            for p, v, o in zip(params, velocities, out):
+                torch.add(p, v, alpha=alpha, out=o)
+
+    @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        """One update of every stage; a multi-tensor pass over all stages at once (:attr:`foreach_stages`)
+        where the options allow it, else the per-stage reference loop (:meth:`_step_stage`); both give the
+        same numbers bit for bit."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        stages = []
         for group in self.param_groups:
             params = [p for p in group_params(group) if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            lr, m, wd = self._group_lr(group), group["momentum"], group["weight_decay"]
-            if wd != 0.0 and not group["decoupled_weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-            grads = self._process_grads(group, params, grads)
-            if self._keeps_velocity(group):
-                bufs = [self.state[p].get("momentum_buffer") for p in params]
-                if any(b is None for b in bufs):
-                    for i, (p, g) in enumerate(zip(params, grads)):
-                        if bufs[i] is None:
-                            bufs[i] = self.state[p]["momentum_buffer"] = g.detach().clone()
-                        else:
-                            bufs[i].mul_(m).add_(g)
-                else:
-                    torch._foreach_mul_(bufs, m)
-                    torch._foreach_add_(bufs, grads)
-                if group["nesterov"]:
-                    direction = torch._foreach_add(grads, bufs, alpha=m)
-                elif group["spike_compensation"] and m != 0.0:
-                    a, b = self._sc_coefficients(group)
-                    direction = torch._foreach_mul(bufs, a)
-                    if b != 0.0:
-                        torch._foreach_add_(direction, grads, alpha=b)
-                elif m != 0.0:
-                    direction = bufs
-                else:
-                    direction = grads
-            else:
-                direction = grads
-            if group.get("weight_prediction") and group.get("lwp_source", "velocity") == "update":
-                for p, d in zip(params, direction):
-                    st = self.state[p]
-                    if "last_direction" in st:
-                        st["last_direction"].copy_(d)
-                    else:
-                        st["last_direction"] = d.detach().clone()
-            self._apply_update(params, direction, lr, wd if group["decoupled_weight_decay"] else 0.0)
+            if params:
+                stages.append((group, params, self._group_lr(group)))
+        if self.foreach_stages and self._can_step_stages_together(stages):
+            self._step_stages_together(stages)
+        else:
+            for group, params, lr in stages:
+                self._step_stage(group, params, lr)
         return loss
 
-    def _apply_update(self, params: list[Tensor], direction: list[Tensor], lr: float, decoupled_wd: float) -> None:
-        """``w ← w (1 − η λ) − η d``, in place or, under :attr:`keep_previous_weights`, into new tensors."""
+    # ------------------------------------------------------------------ the reference path: one stage at a time
+    def _step_stage(self, group: dict[str, Any], params: list[Tensor], lr: Any) -> None:
+        grads = [p.grad for p in params]
+        m, wd = group["momentum"], group["weight_decay"]
+        if wd != 0.0 and not group["decoupled_weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        grads = self._process_grads(group, params, grads)
+        bufs = None
+        if self._keeps_velocity(group):
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            if any(b is None for b in bufs):
+                for i, (p, g) in enumerate(zip(params, grads)):
+                    if bufs[i] is None:
+                        bufs[i] = self.state[p]["momentum_buffer"] = g.detach().clone()
+                    else:
+                        bufs[i].mul_(m).add_(g)
+            else:
+                torch._foreach_mul_(bufs, m)
+                torch._foreach_add_(bufs, grads)
+        terms = self._update_terms(group, grads, bufs)
+        if group.get("weight_prediction") and group.get("lwp_source", "velocity") == "update":
+            (first, c0), *rest = terms
+            direction = torch._foreach_mul(first, c0)
+            for t, c in rest:
+                torch._foreach_add_(direction, t, alpha=c)
+            for p, d in zip(params, direction):
+                st = self.state[p]
+                if "last_direction" in st:
+                    st["last_direction"].copy_(d)
+                else:
+                    st["last_direction"] = d.detach().clone()
+        self._apply_update(params, terms, lr, wd if group["decoupled_weight_decay"] else 0.0)
+
+    def _update_terms(
+        self, group: dict[str, Any], grads: list[Tensor], bufs: Optional[list[Tensor]]
+    ) -> list[tuple[list[Tensor], float]]:
+        """The update direction ``d = Σ c_j t_j`` as its terms ``[(t_j, c_j)]`` (``w ← w − η d``):
+        ``v`` (heavy ball), ``g + m v`` (Nesterov), ``a v + b g`` (SC) or ``g`` (no momentum)."""
+        m = group["momentum"]
+        if bufs is None or m == 0.0:
+            return [(grads, 1.0)]
+        if group["nesterov"]:
+            return [(grads, 1.0), (bufs, m)]
+        if group["spike_compensation"]:
+            a, b = self._sc_coefficients(group)
+            return [(bufs, a), (grads, b)] if b != 0.0 else [(bufs, a)]
+        return [(bufs, 1.0)]
+
+    def _apply_update(
+        self, params: list[Tensor], terms: list[tuple[list[Tensor], float]], lr: Any, decoupled_wd: float
+    ) -> None:
+        """``w ← w (1 − η λ) − η Σ c_j t_j``, in place or, under :attr:`keep_previous_weights`, into new tensors
+        (or the engine's :attr:`spare_weights`)."""
+        (first, c0), *rest = terms
         if not self.keep_previous_weights:
             if decoupled_wd != 0.0:
-                torch._foreach_mul_(params, 1.0 - lr * decoupled_wd)
-            torch._foreach_add_(params, direction, alpha=-lr)
-            return
-        base = torch._foreach_mul(params, 1.0 - lr * decoupled_wd) if decoupled_wd != 0.0 else params
-        for p, new in zip(params, torch._foreach_add(base, direction, alpha=-lr)):
-            p.data = new
+                mul_scaled(params, 1.0 - lr * decoupled_wd, inplace=True)
+            new = add_scaled(params, first, -lr * c0, inplace=True)
+        else:
+            base = mul_scaled(params, 1.0 - lr * decoupled_wd) if decoupled_wd != 0.0 else params
+            spare = self.spare_weights
+            out = [spare.pop(p, None) for p in params] if spare else None
+            new = add_scaled(base, first, -lr * c0, out=out)
+        for t, c in rest:
+            add_scaled(new, t, -lr * c, inplace=True)
+        if self.keep_previous_weights:
+            for p, w in zip(params, new):
+                p.data = w
+
+    # ------------------------------------------------------------------ the fast path: all stages at once
+    def _can_step_stages_together(self, stages: list[tuple[dict[str, Any], list[Tensor], Any]]) -> bool:
+        if len(stages) < 2 or type(self)._process_grads is not PipelineSGD._process_grads:
+            return False
+        for group, params, lr in stages:
+            if isinstance(lr, Tensor) or (group["weight_prediction"] and group["lwp_source"] == "update"):
+                return False
+            if self._keeps_velocity(group) and any("momentum_buffer" not in self.state[p] for p in params):
+                return False  # the first step creates the buffers: reference path
+        return True
+
+    def _step_stages_together(self, stages: list[tuple[dict[str, Any], list[Tensor], Any]]) -> None:
+        """The same operations as :meth:`_step_stage` for every stage, as one multi-tensor call per operation
+        and distinct coefficient (per-stage coefficients as scalar lists where torch has such an overload)."""
+        params: list[Tensor] = [p for _, ps, _ in stages for p in ps]
+        stage_of = [i for i, (_, ps, _) in enumerate(stages) for _ in ps]
+        groups = [g for g, _, _ in stages]
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        coupled = [0.0 if g["decoupled_weight_decay"] else g["weight_decay"] for g in groups]
+        for wd, idx in _buckets([coupled[i] for i in stage_of]).items():
+            if wd != 0.0:
+                for j, t in zip(idx, torch._foreach_add([grads[j] for j in idx], [params[j] for j in idx], alpha=wd)):
+                    grads[j] = t
+        keeps = [self._keeps_velocity(g) for g in groups]
+        vidx = [j for j, i in enumerate(stage_of) if keeps[i]]
+        bufs: list[Optional[Tensor]] = [None] * len(params)
+        if vidx:
+            vbufs = [self.state[params[j]]["momentum_buffer"] for j in vidx]
+            torch._foreach_mul_(vbufs, [groups[stage_of[j]]["momentum"] for j in vidx])
+            torch._foreach_add_(vbufs, [grads[j] for j in vidx])
+            for j, b in zip(vidx, vbufs):
+                bufs[j] = b
+        # per tensor: its terms (tensor, alpha = -η c), its decay factor 1 - η λ
+        terms: list[list[tuple[Tensor, float]]] = []
+        decay: list[float] = []
+        lo = 0
+        for (group, ps, lr), keep in zip(stages, keeps):
+            hi = lo + len(ps)
+            stage_terms = self._update_terms(group, grads[lo:hi], bufs[lo:hi] if keep else None)  # type: ignore[arg-type]
+            dwd = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+            for k in range(hi - lo):
+                terms.append([(t[k], -lr * c) for t, c in stage_terms])
+                decay.append(1.0 - lr * dwd if dwd != 0.0 else 1.0)
+            lo = hi
+        didx = [j for j, f in enumerate(decay) if f != 1.0]
+        base = list(params)
+        if didx:
+            sub = [params[j] for j in didx]
+            scaled = torch._foreach_mul(sub, [decay[j] for j in didx]) if self.keep_previous_weights else sub
+            if not self.keep_previous_weights:
+                torch._foreach_mul_(sub, [decay[j] for j in didx])
+            for j, t in zip(didx, scaled):
+                base[j] = t
+        new: list[Tensor] = list(base)
+        spare = self.spare_weights if self.keep_previous_weights else None
+        first = [tt[0] for tt in terms]
+        fresh = []
+        for j, (t, alpha) in enumerate(first):
+            o = spare.pop(params[j], None) if spare else None
+            if o is not None:
+                new[j] = torch.add(base[j], t, alpha=alpha, out=o)
+            else:
+                fresh.append(j)
+        for alpha, idx in _buckets([first[j][1] for j in fresh]).items():
+            idx = [fresh[k] for k in idx]
+            if self.keep_previous_weights:
+                for j, w in zip(idx, torch._foreach_add([base[j] for j in idx], [first[j][0] for j in idx], alpha=alpha)):
+                    new[j] = w
+            else:
+                torch._foreach_add_([base[j] for j in idx], [first[j][0] for j in idx], alpha=alpha)
+        for pos in range(1, max(len(tt) for tt in terms)):  # further terms in the reference's order
+            rest = [(j, tt[pos][0], tt[pos][1]) for j, tt in enumerate(terms) if len(tt) > pos]
+            for alpha, idx in _buckets([a for _, _, a in rest]).items():
+                torch._foreach_add_([new[rest[k][0]] for k in idx], [rest[k][1] for k in idx], alpha=alpha)
+        if self.keep_previous_weights:
+            for p, w in zip(params, new):
+                p.data = w
+
+
+def _buckets(keys: list[Any]) -> dict[Any, list[int]]:
+    """Indices of ``keys`` grouped by value (one multi-tensor call per distinct coefficient)."""
+    out: dict[Any, list[int]] = {}
+    for j, k in enumerate(keys):
+        out.setdefault(k, []).append(j)
+    return out
+
+
+Scale = Union[float, Tensor]
+
+
+def _run_views(scale: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """``scale`` (one entry per run) shaped to broadcast over each ``[K, ...]`` tensor."""
+    return [scale.view(-1, *([1] * (t.dim() - 1))) for t in tensors]
+
+
+def add_scaled(
+    base: list[Tensor], tensors: list[Tensor], scale: Scale, *, inplace: bool = False,
+    out: Optional[Sequence[Optional[Tensor]]] = None,
+) -> list[Tensor]:
+    """``base + scale * tensors``; ``scale`` is a number or a vector with one entry per run (dimension 0).
+
+    The result goes into new tensors, into ``base`` (``inplace``) or into ``out`` (entries ``None``: new).
+    """
+    if isinstance(scale, Tensor):  # base + tensors * scale[k] for run k, in one pass
+        views = _run_views(scale, tensors)
+        if inplace:
+            torch._foreach_addcmul_(base, tensors, views)
+            return base
+        if out is not None:
+            return [torch.addcmul(b, t, v) if o is None else torch.addcmul(b, t, v, out=o)
+                    for o, b, t, v in zip(out, base, tensors, views)]
+        return list(torch._foreach_addcmul(base, tensors, views))
+    if inplace:
+        torch._foreach_add_(base, tensors, alpha=scale)
+        return base
+    if out is not None:
+        return [
+            torch.add(b, t, alpha=scale) if o is None else torch.add(b, t, alpha=scale, out=o)
+            for o, b, t in zip(out, base, tensors)
+        ]
+    return list(torch._foreach_add(base, tensors, alpha=scale))
+
+
+def mul_scaled(tensors: list[Tensor], scale: Scale, *, inplace: bool = False) -> list[Tensor]:
+    """``scale * tensors``; ``scale`` is a number or a vector with one entry per run (dimension 0)."""
+    factor: Any = _run_views(scale, tensors) if isinstance(scale, Tensor) else scale
+    if inplace:
+        torch._foreach_mul_(tensors, factor)
+        return tensors
+    return list(torch._foreach_mul(tensors, factor))
 
 
 def _check_sc_coefficients(rule: Any) -> None:

@@ -39,6 +39,9 @@ class AdaptiveBrakingSGD(PipelineSGD):
         ab_eps: ``ε`` in the cosine's denominator.
     """
 
+    #: the cosine is a reduction over whole tensors: runs stacked along dimension 0 would mix
+    supports_stacked_runs = False
+
     def __init__(
         self,
         params: Iterable[Any],

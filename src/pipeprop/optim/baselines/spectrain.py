@@ -47,6 +47,9 @@ class SpecTrain(PipelineSGD):
         pipeline_max_delay: the pipeline's largest delay ``D_max`` (default: the largest among the groups).
     """
 
+    #: backward_weights scales by a scalar learning rate
+    supports_per_run_lr = False
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -1,0 +1,300 @@
+"""K independent runs of one architecture as one vmapped pipeline simulation (``pipeprop.train_many``).
+
+The K models are partitioned alike; stage ``s`` of every run becomes one :class:`StackedStage` whose
+parameters are the K runs' parameters stacked along a new leading dimension
+(``torch.func.stack_module_state``) and whose forward is ``vmap(functional_call)`` over that dimension.
+A :class:`~pipeprop.simulator.PipelineSimulator` trains these stacked stages unchanged: the weight swap
+and the saved-tensor rebinding of :mod:`pipeprop.weight_swap` act on the stacked tensors, the per-stage
+optimizer updates all K runs in one set of tensor operations, and the loss is the vector of the K runs'
+losses (its sum is differentiated, so each run's gradient is its own loss's gradient). Per-run learning
+rates become a vector ``group["lr"]`` of length K (see :class:`~pipeprop.optim.PipelineSGD`).
+
+The result equals K separate :func:`pipeprop.train` calls up to floating-point rounding (checked in
+float64 to 1e-9 by ``tests/test_multi_run.py``); the runs do not interact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from .api import build_simulator
+from .partition import Granularity, Partition, partition as make_partition
+from .simulator import PipelineSimulator
+
+__all__ = ["StackedStage", "MultiRunSimulator", "build_multi_simulator", "train_many"]
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+class StackedStage(nn.Module):
+    """K copies of one stage (same structure) as one module over inputs stacked along dimension 0.
+
+    ``parameters()`` are the stacked ``[K, ...]`` tensors; ``forward(x)`` maps run ``k``'s input
+    ``x[k]`` through the stage with run ``k``'s weights and buffers.
+    """
+
+    def __init__(self, stages: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not stages:
+            raise ValueError("StackedStage needs at least one stage")
+        first = stages[0]
+        names = [n for n, _ in first.named_parameters()]
+        for k, st in enumerate(stages[1:], start=1):
+            if [n for n, _ in st.named_parameters()] != names or any(
+                p.shape != q.shape or p.dtype != q.dtype for p, q in zip(st.parameters(), first.parameters())
+            ):
+                raise ValueError(f"run {k} has a different architecture than run 0 at this stage; train_many needs "
+                                 "K models of the same architecture (same layers, shapes and dtypes)")
+        params, buffers = stack_module_state(list(stages))
+        self.num_runs = len(stages)
+        self.names = list(getattr(first, "names", [type(first).__name__]))
+        self.delay = int(getattr(first, "delay", 0))
+        self._param_names = list(params)
+        self._buffer_names = list(buffers)
+        frozen = {n for n, p in first.named_parameters() if not p.requires_grad}
+        self.stacked = nn.ParameterList(
+            [nn.Parameter(params[n].detach(), requires_grad=n not in frozen) for n in self._param_names]
+        )
+        for i, n in enumerate(self._buffer_names):
+            self.register_buffer(f"buffer_{i}", buffers[n].detach().clone())
+        # the template: run 0's module, holding no state of its own that is used (functional_call replaces it)
+        self._template = [first]  # a list, so it is not registered as a submodule
+
+    def train(self, mode: bool = True) -> "StackedStage":
+        super().train(mode)
+        self._template[0].train(mode)
+        return self
+
+    def stacked_buffers(self) -> list[Tensor]:
+        return [getattr(self, f"buffer_{i}") for i in range(len(self._buffer_names))]
+
+    def _run_one(self, params: Sequence[Tensor], buffers: Sequence[Tensor], x: Any) -> Any:
+        state = dict(zip(self._param_names, params))
+        state.update(zip(self._buffer_names, buffers))
+        return functional_call(self._template[0], state, (x,))
+
+    def forward(self, x: Any) -> Any:
+        try:
+            return vmap(self._run_one)(list(self.stacked), self.stacked_buffers(), x)
+        except RuntimeError as err:
+            if "randomness" in str(err):
+                raise RuntimeError(
+                    f"{err}. train_many cannot run layers that draw random numbers (e.g. dropout) in one vmapped "
+                    "simulation; remove them or train the runs with separate pipeprop.train calls"
+                ) from err
+            raise
+
+    @torch.no_grad()
+    def write_back(self, stages: Sequence[nn.Module]) -> None:
+        """Copy run ``k``'s weights and buffers into ``stages[k]``."""
+        for k, st in enumerate(stages):
+            named_p = dict(st.named_parameters())
+            for n, p in zip(self._param_names, self.stacked):
+                named_p[n].copy_(p[k])
+            named_b = dict(st.named_buffers())
+            for n, b in zip(self._buffer_names, self.stacked_buffers()):
+                named_b[n].copy_(b[k])
+
+
+def _stack_inputs(items: Sequence[Any], what: str) -> Any:
+    """Stack K micro-batches (tensors or tuples of tensors) along a new dimension 0."""
+    first = items[0]
+    if isinstance(first, Tensor):
+        shapes = {tuple(t.shape) for t in items}
+        if len(shapes) != 1:
+            raise ValueError(f"the runs' {what} have different shapes {sorted(shapes)} in this step; train_many "
+                             "stacks one micro-batch per run, so every run needs micro-batches of the same shape")
+        return torch.stack(list(items))
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack_inputs([it[i] for it in items], what) for i in range(len(first)))
+    raise TypeError(f"train_many stacks tensors or tuples of tensors; got {type(first).__name__} as {what}")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Move a stacked micro-batch to the runs' device without blocking the host (pinned memory on CUDA).
+
+    Untested on a GPU so far (none was available); on the CPU nothing moves.
+    """
+    if isinstance(batch, Tensor):
+        if batch.device == device:
+            return batch
+        if device.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.pin_memory()
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
+
+
+class MultiRunSimulator:
+    """K runs of one architecture trained as one :class:`PipelineSimulator` over stacked stages.
+
+    Build it with :func:`build_multi_simulator`. :meth:`step` takes one micro-batch per run and returns the
+    K losses as a tensor (no host synchronisation unless ``check_finite``: a NaN/inf loss of run ``k``
+    raises :class:`~pipeprop.simulator.DivergenceError` with ``run == k`` before any weight is updated).
+    """
+
+    def __init__(self, stages: list[StackedStage], run_stages: list[list[nn.Module]], simulator: PipelineSimulator,
+                 loss_fn: LossFn) -> None:
+        self.stages = stages
+        self.run_stages = run_stages  # run_stages[k][s]: stage s of run k (modules of the user's model k)
+        self.simulator = simulator
+        self.optimizer = simulator.optimizer
+        self.num_runs = stages[0].num_runs
+        self._loss_fn = loss_fn
+        first = next((p for st in stages for p in st.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+
+    @property
+    def step_count(self) -> int:
+        return self.simulator.step_count
+
+    def step(self, xs: Sequence[Any], ys: Sequence[Any]) -> Tensor:
+        """One micro-batch per run (``xs[k], ys[k]``); returns the K losses (detached, from stale weights)."""
+        if len(xs) != self.num_runs or len(ys) != self.num_runs:
+            raise ValueError(f"step needs one micro-batch per run ({self.num_runs}); got {len(xs)} inputs and "
+                             f"{len(ys)} targets")
+        x, y = _stack_inputs(xs, "inputs"), _stack_inputs(ys, "targets")
+        if self.device.type != "cpu":
+            x, y = _to_device(x, self.device), _to_device(y, self.device)
+        return self.simulator.step(x, y, sync=False)
+
+    def write_back(self) -> None:
+        """Copy each run's trained weights and buffers into its own model."""
+        for s, stage in enumerate(self.stages):
+            stage.write_back([run[s] for run in self.run_stages])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit: stacked weights/buffers, optimizer and simulator state."""
+        return {
+            "num_runs": self.num_runs,
+            "stages": [st.state_dict() for st in self.stages],
+            "optimizer": self.optimizer.state_dict(),
+            "simulator": self.simulator.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_runs"]) != self.num_runs:
+            raise ValueError(f"checkpoint holds {state['num_runs']} runs, this simulator {self.num_runs}")
+        if len(state["stages"]) != len(self.stages):
+            raise ValueError("checkpoint was written for a pipeline with a different number of stages")
+        for st, sd in zip(self.stages, state["stages"]):
+            st.load_state_dict(sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.simulator.load_state_dict(state["simulator"])
+
+
+def _per_run(value: Union[float, Sequence[float]], num_runs: int, name: str) -> Union[float, list[float]]:
+    if isinstance(value, (int, float)):
+        return float(value)
+    values = [float(v) for v in value]
+    if len(values) != num_runs:
+        raise ValueError(f"{name} has {len(values)} entries for {num_runs} runs; give one per run or a single number")
+    return values
+
+
+def build_multi_simulator(
+    models: Sequence[nn.Module],
+    loss_fn: LossFn,
+    *,
+    method: str = "pb+sc+lwp",
+    lr: Union[float, Sequence[float]],
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    partition: Granularity = "layer",
+    delay_offset: int = 0,
+    check_finite: bool = True,
+    **options: Any,
+) -> MultiRunSimulator:
+    """Partition each of ``models`` alike and build one simulator for all of them (see :func:`train_many`)."""
+    models = list(models)
+    if not models:
+        raise ValueError("train_many needs at least one model")
+    lrs = _per_run(lr, len(models), "lr")
+    parts = [make_partition(m, partition, delay_offset=delay_offset) for m in models]
+    if len({len(p) for p in parts}) != 1:
+        raise ValueError("the models split into different numbers of stages; train_many needs one architecture")
+    stacked = Partition([StackedStage([p.stages[s] for p in parts]) for s in range(len(parts[0]))],  # type: ignore[misc]
+                        parts[0].granularity, delay_offset)
+
+    def stacked_loss(output: Any, target: Any) -> Tensor:
+        return vmap(loss_fn)(output, target)
+
+    sim = build_simulator(stacked, stacked_loss, method=method, lr=min(lrs) if isinstance(lrs, list) else lrs,
+                          momentum=momentum, weight_decay=weight_decay, **options)
+    sim.check_finite = check_finite
+    optimizer = sim.optimizer
+    if not getattr(optimizer, "supports_stacked_runs", False):
+        raise ValueError(f"method {method!r} ({type(optimizer).__name__}) does not support stacked runs: train_many needs "
+                         "an optimizer whose update is elementwise and that sets supports_stacked_runs = True "
+                         "(e.g. Adaptive Braking's cosine would mix the runs); train the runs with separate "
+                         "pipeprop.train calls")
+    if isinstance(lrs, list):
+        if not getattr(optimizer, "supports_per_run_lr", False):
+            raise ValueError(f"method {method!r} ({type(optimizer).__name__}) does not support one learning rate per "
+                             "run; give a single lr or group the runs by learning rate")
+        for g in optimizer.param_groups:
+            w = g["params"][0] if g["params"] else None
+            g["lr"] = torch.tensor(lrs, dtype=w.dtype if w is not None else None, device=w.device if w is not None else None)
+    return MultiRunSimulator(list(stacked.stages), [list(p.stages) for p in parts], sim, loss_fn)
+
+
+def train_many(
+    models: Sequence[nn.Module],
+    batch_streams: Sequence[Iterable[tuple[Any, Any]]],
+    loss_fn: LossFn,
+    *,
+    method: str = "pb+sc+lwp",
+    lr: Union[float, Sequence[float]],
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    partition: Granularity = "layer",
+    delay_offset: int = 0,
+    check_finite: bool = True,
+    **options: Any,
+) -> list[list[float]]:
+    """Train K models of one architecture, each on its own micro-batch stream, as one vmapped simulation.
+
+    Equivalent to ``[pipeprop.train(m, s, loss_fn, method=method, lr=lr_k, ...) for m, s in zip(models,
+    batch_streams)]`` (same per-run losses and weights up to rounding) but with one set of tensor operations
+    per step for all runs. ``lr`` is one number or one per run; ``method`` and the other options are shared.
+    Different seeds and data orders come from the models and streams you pass. Each step stacks the K
+    runs' micro-batches, so they must have equal shapes, and all streams the same length. ``loss_fn`` is
+    applied per run (under ``torch.func.vmap``). The models are trained in place; returns ``losses[k][n]``.
+    A NaN/inf loss raises :class:`~pipeprop.simulator.DivergenceError` naming the run (this reads every
+    step's losses on the host); ``check_finite=False`` skips the check, and the losses are then read once,
+    at the end. Micro-batches move to the models' device asynchronously (pinned memory on CUDA).
+
+    Example::
+
+        models = [make_model(seed) for seed in range(4)]
+        losses = pipeprop.train_many(models, [loader(seed) for seed in range(4)], F.cross_entropy,
+                                     method="pb+sc+lwp", lr=[0.01, 0.02, 0.05, 0.1], momentum=0.9)
+    """
+    models = list(models)
+    streams = [iter(s) for s in batch_streams]
+    if len(streams) != len(models):
+        raise ValueError(f"{len(models)} models but {len(streams)} batch streams; give one stream per model")
+    sim = build_multi_simulator(models, loss_fn, method=method, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                partition=partition, delay_offset=delay_offset, check_finite=check_finite, **options)
+    losses: list[Tensor] = []
+    try:
+        while True:
+            items = [next(s, None) for s in streams]
+            done = [it is None for it in items]
+            if all(done):
+                break
+            if any(done):
+                raise ValueError(f"batch streams {[k for k, d in enumerate(done) if d]} ended after {len(losses)} "
+                                 "micro-batches while others go on; train_many needs streams of equal length")
+            losses.append(sim.step([x for x, _ in items], [y for _, y in items]))
+    finally:
+        sim.write_back()
+    if not losses:
+        return [[] for _ in models]
+    table = torch.stack(losses).t().tolist()
+    return [[float(v) for v in row] for row in table]

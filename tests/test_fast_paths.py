@@ -1,0 +1,93 @@
+"""The simulator's fast paths equal the readable reference paths bit for bit (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import pipeprop
+from pipeprop.optim import PipelineSGD
+
+DT = torch.float64
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+    ).to(DT)
+
+
+CASES = [
+    ("sgd", {}),
+    ("pb", {}),
+    ("pb", {"weight_decay": 1e-2}),
+    ("pb+sc", {"weight_decay": 1e-2, "decoupled_weight_decay": True}),
+    ("pb+lwp", {"lwp_mode": "momentum-decay"}),
+    ("pb+sc+lwp", {"weight_decay": 1e-3}),
+    ("pb+stash", {}),
+    ("pb+nesterov", {"weight_decay": 1e-3}),
+    ("pipemare", {"pipemare_warmup_steps": 8}),
+    ("pb", {"momentum": 0.0}),
+]
+
+
+@pytest.mark.parametrize("method,options", CASES)
+def test_all_stages_update_equals_per_stage_reference(method, options, monkeypatch):
+    calls = []
+    original = PipelineSGD._step_stages_together
+    monkeypatch.setattr(PipelineSGD, "_step_stages_together",
+                        lambda self, stages: (calls.append(1), original(self, stages))[1])
+    options = {"momentum": 0.9, **options}
+    fast, ref = mlp(), None
+    ref = copy.deepcopy(fast)
+    sims = [pipeprop.build_simulator(m, F.cross_entropy, method=method, lr=0.05, foreach_stages=flag, **options)
+            for m, flag in ((fast, True), (ref, False))]
+    for sim in sims:  # different learning rates per stage, as a schedule or PipeMare would give
+        for s, group in enumerate(sim.optimizer.param_groups):
+            group["lr"] = 0.05 * (1 + 0.25 * (s % 2))
+    data = [(torch.randn(2, 6, dtype=DT), torch.randint(0, 4, (2,))) for _ in range(12)]
+    for x, y in data:
+        losses = [sim.step(x, y) for sim in sims]
+        assert losses[0] == losses[1]
+    assert calls, "the fast path was never taken"
+    for a, b in zip(fast.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for p, q in zip(fast.parameters(), ref.parameters()):
+        for key, value in sims[0].optimizer.state[p].items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, sims[1].optimizer.state[q][key], rtol=0, atol=0)
+
+
+def test_fast_path_in_place_update_equals_reference():
+    """Outside the simulator (no weight ring) the update is in place; same numbers both ways."""
+    torch.manual_seed(0)
+    ws = [torch.randn(3, 4, dtype=DT), torch.randn(4, dtype=DT), torch.randn(5, dtype=DT)]
+    results = []
+    for flag in (True, False):
+        ps = [nn.Parameter(w.clone()) for w in ws]
+        groups = [{"params": ps[:2], "delay": 4}, {"params": ps[2:], "delay": 2, "lr": 0.2}]
+        opt = PipelineSGD(groups, lr=0.1, momentum=0.9, weight_decay=0.01, decoupled_weight_decay=True,
+                          spike_compensation=True, foreach_stages=flag)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in ps:
+                p.grad = torch.randn(p.shape, dtype=DT, generator=gen)
+            opt.step()
+        results.append([p.detach().clone() for p in ps])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lazy_loss_needs_no_host_sync():
+    model = mlp()
+    sim = pipeprop.build_simulator(model, F.cross_entropy, method="pb+sc+lwp", lr=0.05, momentum=0.9)
+    x, y = torch.randn(1, 6, dtype=DT), torch.tensor([1])
+    ref = copy.deepcopy(model)
+    ref_sim = pipeprop.build_simulator(ref, F.cross_entropy, method="pb+sc+lwp", lr=0.05, momentum=0.9)
+    lazy = sim.step(x, y, sync=False)
+    assert isinstance(lazy, torch.Tensor) and lazy.dim() == 0 and not lazy.requires_grad
+    assert float(lazy) == ref_sim.step(x, y)

@@ -1,0 +1,182 @@
+"""train_many: K runs as one vmapped simulation equal K separate pipeprop.train calls (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import pipeprop
+from pipeprop.simulator import DivergenceError
+
+DT = torch.float64
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+    ).to(DT)
+
+
+def cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 4),
+    ).to(DT)
+
+
+SHAPES = {mlp: (2, 6), cnn: (1, 1, 6, 6)}
+
+
+def runs(make, k: int, steps: int):
+    """k models from seeds 0..k-1 and k micro-batch streams with their own data order."""
+    models = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        models.append(make())
+    streams = []
+    for seed in range(k):
+        g = torch.Generator().manual_seed(100 + seed)
+        x_shape = SHAPES[make]
+        streams.append([(torch.randn(*x_shape, dtype=DT, generator=g), torch.randint(0, 4, (x_shape[0],), generator=g))
+                        for _ in range(steps)])
+    return models, streams
+
+
+@pytest.mark.parametrize(
+    "make,method,options",
+    [
+        (mlp, "sgd", {}),
+        (mlp, "pb", {}),
+        (mlp, "pb+sc+lwp", {}),
+        (mlp, "pb+stash", {}),
+        (mlp, "pipemare", {"pipemare_warmup_steps": 6}),
+        (mlp, "pb+nesterov", {"decoupled_weight_decay": True}),
+        (cnn, "pb+sc+lwp", {}),
+        (cnn, "pb+stash", {}),
+    ],
+)
+def test_train_many_equals_separate_runs_with_per_run_lrs(make, method, options):
+    models, streams = runs(make, 3, 14)
+    refs = [copy.deepcopy(m) for m in models]
+    lrs = [0.03, 0.1, 0.3]
+    losses = pipeprop.train_many(models, streams, F.cross_entropy, method=method, lr=lrs, momentum=0.9,
+                                 weight_decay=1e-3, **options)
+    for k in range(3):
+        ref_losses = pipeprop.train(refs[k], streams[k], F.cross_entropy, method=method, lr=lrs[k], momentum=0.9,
+                                    weight_decay=1e-3, **options)
+        torch.testing.assert_close(torch.tensor(losses[k], dtype=DT), torch.tensor(ref_losses, dtype=DT),
+                                   rtol=0, atol=1e-9)
+        for a, b in zip(models[k].parameters(), refs[k].parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    # the runs really differ (own seeds, data and learning rates) and really trained
+    assert not torch.allclose(models[0][0].weight, models[1][0].weight)
+    assert losses[2][-1] != losses[0][-1]
+
+
+def test_train_many_single_lr_and_stale_weights():
+    """One shared lr; PB differs from SGD in the stacked simulation as in a single one."""
+    models, streams = runs(mlp, 2, 10)
+    sgd_models = [copy.deepcopy(m) for m in models]
+    pipeprop.train_many(models, streams, F.cross_entropy, method="pb", lr=0.1, momentum=0.9)
+    pipeprop.train_many(sgd_models, streams, F.cross_entropy, method="sgd", lr=0.1, momentum=0.9)
+    assert not torch.allclose(models[0][0].weight, sgd_models[0][0].weight)
+
+
+def test_train_many_resume_is_bit_exact():
+    models, streams = runs(cnn, 2, 12)
+    start = [copy.deepcopy(m.state_dict()) for m in models]
+    kwargs = dict(method="pb+sc+lwp", lr=[0.05, 0.2], momentum=0.9)
+    full = pipeprop.build_multi_simulator(models, F.cross_entropy, **kwargs)
+    full_losses = [full.step([s[n][0] for s in streams], [s[n][1] for s in streams]) for n in range(12)]
+    full.write_back()
+
+    def fresh():
+        ms = [cnn() for _ in start]
+        for m, sd in zip(ms, start):
+            m.load_state_dict(sd)
+        return ms
+
+    first = pipeprop.build_multi_simulator(fresh(), F.cross_entropy, **kwargs)
+    for n in range(5):
+        first.step([s[n][0] for s in streams], [s[n][1] for s in streams])
+    ckpt = copy.deepcopy(first.state_dict())
+    resumed_models = [cnn() for _ in start]  # other initial weights: everything must come from the checkpoint
+    resumed = pipeprop.build_multi_simulator(resumed_models, F.cross_entropy, **kwargs)
+    resumed.load_state_dict(ckpt)
+    for n in range(5, 12):
+        loss = resumed.step([s[n][0] for s in streams], [s[n][1] for s in streams])
+        torch.testing.assert_close(loss, full_losses[n], rtol=0, atol=0)
+    resumed.write_back()
+    for a, b in zip(models, resumed_models):
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_train_many_names_the_diverging_run():
+    models, streams = runs(mlp, 3, 3)
+    bad = list(streams[1])
+    bad[1] = (torch.full_like(bad[1][0], float("nan")), bad[1][1])
+    with pytest.raises(DivergenceError, match="run 1: loss is nan at step 1") as info:
+        pipeprop.train_many(models, [streams[0], bad, streams[2]], F.cross_entropy, method="pb", lr=0.1)
+    assert info.value.run == 1
+
+
+def test_train_many_rejects_bad_input():
+    models, streams = runs(mlp, 2, 4)
+    with pytest.raises(ValueError, match="one stream per model"):
+        pipeprop.train_many(models, streams[:1], F.cross_entropy, method="pb", lr=0.1)
+    with pytest.raises(ValueError, match="2 entries for 3 runs"):
+        pipeprop.train_many(models + [mlp()], streams + [streams[0]], F.cross_entropy, method="pb", lr=[0.1, 0.2])
+    with pytest.raises(ValueError, match="equal length"):
+        pipeprop.train_many(models, [streams[0], streams[1][:2]], F.cross_entropy, method="pb", lr=0.1)
+    with pytest.raises(ValueError, match="same architecture"):
+        wide = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(),
+                             nn.Linear(8, 4)).to(DT)
+        pipeprop.train_many([models[0], wide], streams, F.cross_entropy, method="pb", lr=0.1)
+    with pytest.raises(ValueError, match="same shape"):
+        odd = [(x[:1], y[:1]) for x, y in streams[1]]
+        pipeprop.train_many(models, [streams[0], odd], F.cross_entropy, method="pb", lr=0.1)
+    with pytest.raises(ValueError, match="does not support stacked runs"):
+        pipeprop.train_many(models, streams, F.cross_entropy, method="pb+ab", lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="one learning rate per run"):
+        pipeprop.train_many(models, streams, F.cross_entropy, method="spectrain", lr=[0.1, 0.2], momentum=0.9)
+    with pytest.raises(RuntimeError, match="dropout"):
+        drop = [nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.5), nn.Linear(4, 4)).to(DT) for _ in range(2)]
+        pipeprop.train_many(drop, streams, F.cross_entropy, method="pb", lr=0.1)
+
+
+def test_performance_doc_example_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "train_many" in b]
+    assert blocks, "docs/performance.md has no train_many example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "performance.md", "exec"), namespace)
+    assert len(namespace["losses"]) == 4 and all(len(run) == 256 for run in namespace["losses"])
+
+
+def test_train_many_batchnorm_buffers_follow_each_run():
+    """Running statistics are stacked buffers, updated per run inside the vmapped forward."""
+    def bn_mlp() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).to(DT)
+
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(bn_mlp())
+    refs = [copy.deepcopy(m) for m in models]
+    streams = [[(torch.randn(3, 6, dtype=DT), torch.randint(0, 4, (3,))) for _ in range(6)] for _ in range(2)]
+    losses = pipeprop.train_many(models, streams, F.cross_entropy, method="pb", lr=[0.1, 0.2], momentum=0.9)
+    for k, lr in enumerate([0.1, 0.2]):
+        ref_losses = pipeprop.train(refs[k], streams[k], F.cross_entropy, method="pb", lr=lr, momentum=0.9)
+        torch.testing.assert_close(torch.tensor(losses[k], dtype=DT), torch.tensor(ref_losses, dtype=DT),
+                                   rtol=0, atol=1e-9)
+        for a, b in zip(models[k].state_dict().values(), refs[k].state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    assert not torch.allclose(models[0][1].running_mean, models[1][1].running_mean)
