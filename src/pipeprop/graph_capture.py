@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 __all__ = ["ModelInputs", "CapturedModel", "capture", "model_inputs", "loss_from_output", "GraphStage"]
@@ -166,13 +167,14 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _is_layer(module: nn.Module) -> bool:
-    """A module that starts a stage under ``"layer"``: it owns parameters directly and is not a norm."""
+    """A module that starts a stage under ``"layer"``: it owns parameters directly (a parametrized weight
+    counts as its own) and is not a norm."""
     explicit = getattr(module, "pipeprop_starts_stage", None)
     if explicit is not None:
         return bool(explicit)
-    if _is_norm(module):
+    if _is_norm(module) or isinstance(module, parametrize.ParametrizationList):
         return False
-    return any(True for _ in module.parameters(recurse=False))
+    return parametrize.is_parametrized(module) or any(True for _ in module.parameters(recurse=False))
 
 
 def _param_inputs(cap: CapturedModel, node: fx.Node) -> list[nn.Parameter]:
