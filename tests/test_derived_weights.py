@@ -230,7 +230,7 @@ def bf16_reference(weights, xs, ys, lr, stash):
             h = out
         logits = h.float().requires_grad_()
         loss = F.cross_entropy(logits, y)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         (d,) = torch.autograd.grad(loss, logits)
         d = d.to(BF)
         live = hist[n]

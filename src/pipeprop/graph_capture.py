@@ -35,6 +35,7 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
     nn.LayerNorm,
     nn.LocalResponseNorm,
+    nn.RMSNorm,
 )
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -122,11 +123,18 @@ def capture(model: nn.Module, example_input: Any, example_target: Any = None) ->
     try:
         program = torch.export.export(model, inp.args, inp.kwargs, strict=False)
     except Exception as err:  # noqa: BLE001 - re-raised with the fix
+        if example_target is not None:
+            hint = (
+                " With loss_fn=None the target is passed to the model (as labels= when its forward takes it, else as "
+                "the second argument) and the model must return its loss; otherwise pass a loss_fn."
+            )
+        else:
+            hint = ""
         raise RuntimeError(
             f"pipeprop could not capture the forward of {type(model).__name__} as a graph with torch.export "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Make the forward traceable "
             "(no data-dependent Python control flow on tensor values; Hugging Face models: use_cache=False), or "
-            "write the model as an nn.Sequential."
+            "write the model as an nn.Sequential." + hint
         ) from err
     sig = program.graph_signature
     named_modules = dict(model.named_modules(remove_duplicate=False))
@@ -163,7 +171,11 @@ def capture(model: nn.Module, example_input: Any, example_target: Any = None) ->
 
 # ----------------------------------------------------------------------------------------------- units
 def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, _NORM_TYPES) or bool(getattr(module, "pipeprop_is_norm", False))
+    """Normalization layers join the stage before them (including e.g. Hugging Face's ``LlamaRMSNorm``)."""
+    explicit = getattr(module, "pipeprop_is_norm", None)
+    if explicit is not None:
+        return bool(explicit)
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(("Norm", "Norm2d", "Norm1d"))
 
 
 def _is_layer(module: nn.Module) -> bool:

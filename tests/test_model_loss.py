@@ -1,0 +1,139 @@
+"""Models that compute their own loss (Hugging Face ``labels=``, nanoGPT ``(logits, loss)``), and precision."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeprop
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_gpt2():
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16, use_cache=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _tokens(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 40, (1, 8), generator=g) for _ in range(n)]
+
+
+def test_hugging_face_causal_lm_trains_unmodified_and_sgd_equals_plain_pytorch():
+    model = _tiny_gpt2()
+    ref = copy.deepcopy(model)
+    seqs = _tokens(6)
+    losses = pipeprop.train(model, [(s, s) for s in seqs], None, method="sgd", lr=0.05)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    ref_losses = []
+    for s in seqs:
+        opt.zero_grad()
+        loss = ref(s, labels=s).loss
+        loss.backward()
+        opt.step()
+        ref_losses.append(float(loss))
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    # tied input embedding and LM head stay one parameter
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_hugging_face_causal_lm_under_pb_sc_lwp():
+    model = _tiny_gpt2()
+    seq = _tokens(1)[0]
+    part = pipeprop.partition(model, "layer", example_input=seq, example_target=seq)
+    assert len(part) >= 8 and any(0 in readers and len(part) - 1 in readers for _, readers in part.shared_parameters())
+    sim = pipeprop.build_simulator(part, None, method="pb+sc+lwp", lr=0.005, momentum=0.9)
+    losses = [sim.step(seq, seq) for _ in range(40)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+class NanoStyle(nn.Module):
+    """nanoGPT's convention: forward(idx, targets) returns (logits, loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, idx, targets=None):
+        logits = self.fc(torch.tanh(self.emb(idx)))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, 10), targets.view(-1))
+        return logits, loss
+
+
+def test_target_goes_second_and_loss_is_the_last_element():
+    torch.manual_seed(0)
+    model = NanoStyle()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 10, (2, 3), generator=g), torch.randint(0, 10, (2, 3), generator=g)) for _ in range(5)]
+    losses = pipeprop.train(model, data, None, method="sgd", lr=0.1)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for (x, y), got in zip(data, losses):
+        opt.zero_grad()
+        _, loss = ref(x, y)
+        loss.backward()
+        opt.step()
+        assert got == pytest.approx(float(loss), rel=1e-6)
+    torch.testing.assert_close(model.fc.weight, ref.fc.weight)
+
+
+def test_loss_fn_none_needs_a_model_returning_its_loss():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    with pytest.raises(Exception, match="target|loss"):
+        pipeprop.train(model, [(torch.randn(1, 3), torch.zeros(1, dtype=torch.long))], None, lr=0.1)
+
+
+# ----------------------------------------------------------------------------- precision
+def _mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _batches(n, dtype=torch.float32):
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(1, 6, generator=g).to(dtype), torch.randint(0, 3, (1,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_keeps_fp32_master_weights_that_move_at_small_lr(precision):
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = pipeprop.train(model, _batches(30), F.cross_entropy, method="pb+sc+lwp", lr=1e-3, momentum=0.9, precision=precision)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    changed = sum(int((p != b).sum()) for p, b in zip(model.parameters(), before))
+    total = sum(p.numel() for p in model.parameters())
+    # a bf16 copy of the weights would lose almost all of these updates (|update| << bf16 spacing)
+    assert changed > 0.9 * total
+    assert all(map(lambda v: v == v, losses))
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps():
+    model = _mlp()
+    sim = pipeprop.build_simulator(model, F.cross_entropy, method="pb", lr=0.01, precision="16-mixed",
+                                   example_input=torch.randn(1, 6))
+    sim._scaler.scale = 2.0**40  # overflows fp16 gradients
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _batches(1)[0]
+    sim.step(x, y)
+    assert sim._scaler.skipped == 1 and sim._scaler.scale == 2.0**39
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_precision_64_converts_model_and_inputs():
+    model = _mlp()
+    pipeprop.train(model, _batches(3), F.cross_entropy, method="pb", lr=0.1, precision="64")
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    with pytest.raises(ValueError, match="precision"):
+        pipeprop.train(_mlp(), _batches(1), F.cross_entropy, lr=0.1, precision="8")
