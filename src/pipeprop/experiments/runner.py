@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..api import build_simulator
 from ..data import ImageDataset, MicroBatchStream
+from ..rng import get_rng_state, set_rng_state
 from ..simulator import DivergenceError
 from .builders import ModelFactory, build_augment, build_dataset, build_model
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
@@ -166,7 +167,7 @@ class Runner:
             "scheduler": sched,
             "metrics": json.dumps(self.metrics),
             "progress": dict(vars(self.progress)),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -188,7 +189,7 @@ class Runner:
         self.scheduler.load_state_dict(sched)
         self.metrics = json.loads(state["metrics"])
         self.progress = _Progress(**state["progress"])
-        torch.set_rng_state(state["torch_rng"])
+        set_rng_state(state["torch_rng"])
 
     def save(self) -> None:
         save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
