@@ -49,6 +49,7 @@ def build_simulator(
     example_input: Any = None,
     example_target: Any = None,
     split_points: Optional[Sequence[str]] = None,
+    compile: bool | str = False,
     **options: Any,
 ) -> PipelineSimulator:
     """Partition ``model`` (unless it already is a :class:`Partition`) and build its simulator for ``method``.
@@ -56,7 +57,8 @@ def build_simulator(
     A model that is not an ``nn.Sequential`` of layers is captured as a graph on ``example_input`` (one
     micro-batch). ``loss_fn=None``: the model computes its own loss; give ``example_target`` (one target)
     so the capture includes it. ``precision``: ``"32"``, ``"64"``, ``"bf16-mixed"`` or ``"16-mixed"``
-    (:mod:`pipeprop.precision`). Extra ``options`` go to the method's optimizer (e.g. ``lwp_horizon=4``).
+    (:mod:`pipeprop.precision`). ``compile``: run the stages through ``torch.compile`` (``True`` or a
+    backend name). Extra ``options`` go to the method's optimizer (e.g. ``lwp_horizon=4``).
     """
     spec = get_method(method)
     precision = check_precision(precision)
@@ -78,7 +80,9 @@ def build_simulator(
     delays = part.delays if spec.pipelined else [0] * len(part)
     kwargs = {**spec.options, **options}
     optimizer = spec.optimizer(stage_param_groups(part.stages, delays), lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
-    return PipelineSimulator(part.stages, optimizer, loss_fn, weight_mode=spec.weight_mode, precision=precision)
+    return PipelineSimulator(
+        part.stages, optimizer, loss_fn, weight_mode=spec.weight_mode, precision=precision, compile=compile
+    )
 
 
 def _to_float64(x: Any) -> Any:
@@ -101,6 +105,7 @@ def train(
     delay_offset: int = 0,
     precision: str = "32",
     split_points: Optional[Sequence[str]] = None,
+    compile: bool | str = False,
     **options: Any,
 ) -> list[float]:
     """Train ``model`` in place with Pipelined Backpropagation; returns the loss of every step.
@@ -122,6 +127,6 @@ def train(
     sim = build_simulator(
         model, loss_fn, method=method, lr=lr, momentum=momentum, weight_decay=weight_decay,
         partition=partition, delay_offset=delay_offset, precision=precision, example_input=first[0],
-        example_target=first[1], split_points=split_points, **options,
+        example_target=first[1], split_points=split_points, compile=compile, **options,
     )
     return [sim.step(x, y) for x, y in itertools.chain([first], batches)]

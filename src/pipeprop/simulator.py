@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +133,9 @@ class PipelineSimulator:
         weight_mode: ``"pb"`` (backward through live weights) or ``"stash"`` (weight stashing).
         check_finite: raise :class:`DivergenceError` on a NaN/inf loss.
         precision: ``"32"``, ``"64"``, ``"bf16-mixed"`` or ``"16-mixed"`` (:mod:`pipeprop.precision`).
+        compile: run each stage through ``torch.compile`` (``True``, or a backend name such as
+            ``"aot_eager"``). The first step runs eagerly to find stages whose backward needs weight-derived
+            tensors replayed (e.g. under autocast); those stay eager, since a compiled graph hides them.
 
     A parameter read by several stages (tied weights) is updated once per step by the optimizer group that
     holds it; every stage reading it sees, in its forward, the version for its own delay (its own
@@ -148,6 +151,7 @@ class PipelineSimulator:
         weight_mode: str = "pb",
         check_finite: bool = True,
         precision: str = "32",
+        compile: Union[bool, str] = False,
     ) -> None:
         if weight_mode not in WEIGHT_MODES:
             raise ValueError(f"unknown weight_mode {weight_mode!r}; choose one of {WEIGHT_MODES}")
@@ -213,6 +217,10 @@ class PipelineSimulator:
         #: per stage: track weight-derived saved tensors (None: decided by probing the first step)
         self._track: list[Optional[bool]] = [None if r else False for r in self._rebinds]
         self._scaler = LossScaler() if self.precision == "16-mixed" else None
+        self._compiled: list[Optional[Callable[[Any], Any]]] = [None] * len(self.stages)
+        if compile:
+            backend = "inductor" if compile is True else str(compile)
+            self._compiled = [torch.compile(st, backend=backend, dynamic=False) for st in self.stages]
         self._push_forward_weights(0)
 
     # ------------------------------------------------------------------ weight versions
@@ -256,6 +264,8 @@ class PipelineSimulator:
         """Run every stage; ``stage_context(s, input)``, when given, is entered around stage ``s``."""
         out = x
         for s, stage in enumerate(self.stages):
+            if self._compiled[s] is not None and self._track[s] is False:
+                stage = self._compiled[s]
             try:
                 if stage_context is None:
                     out = stage(out)
