@@ -59,6 +59,8 @@ def build_pipeline(
     spec = get_method(method)
     check_method(method, getattr(model, "delay_offset", 0) if isinstance(model, Partition) else 0)
     part = model if isinstance(model, Partition) else make_partition(model, partition)
+    if part.shared_parameters():
+        raise ValueError("a parameter is read by several stages (tied weights); the distributed engine does not support that yet: use the simulator")
     ranges = assign_stages(part.stages, comm.world_size, assignment, sample_input)
     mine = ranges[comm.rank]
     stages = [part.stages[s] for s in mine]
