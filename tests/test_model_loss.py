@@ -89,6 +89,46 @@ def test_target_goes_second_and_loss_is_the_last_element():
     torch.testing.assert_close(model.fc.weight, ref.fc.weight)
 
 
+class ResWithLoss(nn.Module):
+    """A residual MLP that computes its own loss (an integer input, embedded, as for a language model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2, self.out = nn.Embedding(7, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def logits(self, idx):
+        h = torch.tanh(self.emb(idx))
+        return self.out(torch.relu(self.fc2(torch.tanh(self.fc1(h)))) + h)
+
+    def forward(self, idx, targets):
+        return F.cross_entropy(self.logits(idx), targets)
+
+
+class ResLogits(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, idx):
+        return self.inner.logits(idx)
+
+
+@pytest.mark.parametrize("method", ["pb", "pb+sc+lwp", "pb+stash"])
+def test_loss_inside_the_model_equals_loss_fn_outside(method):
+    """The target entering with the input changes nothing: same numbers as the same net with loss_fn."""
+    torch.manual_seed(0)
+    a = ResWithLoss().double()
+    b = copy.deepcopy(a)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 7, (3,), generator=g), torch.randint(0, 3, (3,), generator=g)) for _ in range(10)]
+    kw = dict(method=method, lr=0.2, momentum=0.8)
+    la = pipeprop.train(a, data, None, **kw)
+    lb = pipeprop.train(ResLogits(b), data, F.cross_entropy, **kw)
+    assert la == lb
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_loss_fn_none_needs_a_model_returning_its_loss():
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
     with pytest.raises(Exception, match="target|loss"):

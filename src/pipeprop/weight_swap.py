@@ -274,6 +274,7 @@ class DerivedWeightTracker(TorchDispatchMode):
 
 
 def _tensors(x: Any) -> Iterator[Tensor]:
+    """The tensors in ``x``: tensors, lists, tuples, dicts and objects with ``args``/``kwargs`` (model inputs)."""
     if isinstance(x, Tensor):
         yield x
     elif isinstance(x, (list, tuple)):
@@ -282,6 +283,9 @@ def _tensors(x: Any) -> Iterator[Tensor]:
     elif isinstance(x, dict):
         for e in x.values():
             yield from _tensors(e)
+    elif hasattr(x, "args") and hasattr(x, "kwargs"):
+        yield from _tensors(x.args)
+        yield from _tensors(x.kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- ctx check
