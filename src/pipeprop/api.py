@@ -120,6 +120,8 @@ def train(
     own loss: the target is passed to it (as ``labels=`` when its forward takes that, else as the second
     argument) and it returns the loss (a scalar, a tuple ending with it, or an object with ``.loss``).
     """
+    get_method(method)  # bad names fail before any data is read
+    check_precision(precision)
     batches = iter(batches)
     first = next(batches, None)
     if first is None:
