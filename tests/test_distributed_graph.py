@@ -34,10 +34,16 @@ class ResMLP(nn.Module):
         return self.out(torch.relu(h))
 
 
-def make_partition() -> pipeprop.Partition:
+EXAMPLE = torch.zeros(2, 5, dtype=torch.float64)
+
+
+def make_model() -> ResMLP:
     torch.manual_seed(0)
-    model = ResMLP().double()
-    return pipeprop.partition(model, "layer", example_input=torch.zeros(2, 5, dtype=torch.float64))
+    return ResMLP().double()
+
+
+def make_partition() -> pipeprop.Partition:
+    return pipeprop.partition(make_model(), "layer", example_input=EXAMPLE)
 
 
 def make_batches():
@@ -49,8 +55,8 @@ def _job(comm: PipelineComm, out: str) -> None:
     results: dict[str, Any] = {}
     for method in METHODS:
         # ranks hold stages 0-1 and 2-3: the message from rank 0 carries stage 1's output and the skip
-        engine = build_pipeline(make_partition(), F.cross_entropy, comm=comm, method=method, lr=0.1, momentum=0.9,
-                                assignment="2,2")
+        engine = build_pipeline(make_model(), F.cross_entropy, comm=comm, method=method, lr=0.1, momentum=0.9,
+                                assignment="2,2", sample_input=EXAMPLE)
         stats = engine.run(make_batches(), N)
         results[method] = {
             "params": {slot.index: [p.detach().clone() for p in slot.params] for slot in engine.slots},

@@ -53,12 +53,13 @@ def build_pipeline(
     """Partition ``model`` (built identically on every rank), keep this rank's stages and build its engine.
 
     ``assignment`` maps stages to ranks (see :func:`~pipeprop.distributed.assignment.assign_stages`);
-    ``"flops"`` needs ``sample_input`` (one micro-batch). Extra ``options`` go to the method's optimizer.
+    ``"flops"`` needs ``sample_input`` (one micro-batch), as does a model that is not an ``nn.Sequential`` of
+    layers (its forward is captured as a graph on it). Extra ``options`` go to the method's optimizer.
     Only this rank's stages are moved to ``device``.
     """
     spec = get_method(method)
     check_method(method, getattr(model, "delay_offset", 0) if isinstance(model, Partition) else 0)
-    part = model if isinstance(model, Partition) else make_partition(model, partition)
+    part = model if isinstance(model, Partition) else make_partition(model, partition, example_input=sample_input)
     if part.shared_parameters():
         raise ValueError("a parameter is read by several stages (tied weights); the distributed engine does not support that yet: use the simulator")
     ranges = assign_stages(part.stages, comm.world_size, assignment, sample_input)
