@@ -177,3 +177,22 @@ def test_precision_64_converts_model_and_inputs():
     assert all(p.dtype == torch.float64 for p in model.parameters())
     with pytest.raises(ValueError, match="precision"):
         pipeprop.train(_mlp(), _batches(1), F.cross_entropy, lr=0.1, precision="8")
+
+
+def test_llama_with_rmsnorm_casts_trains_under_bf16_autocast():
+    """Hugging Face Llama casts to float32 inside RMSNorm; the captured graph must run under autocast."""
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=40, max_position_embeddings=16, use_cache=False, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    seq = _tokens(1)[0]
+    sim = pipeprop.build_simulator(model, None, method="pb", lr=0.005, example_input=seq, example_target=seq,
+                                   precision="bf16-mixed")
+    losses = [sim.step(seq, seq) for _ in range(4)]
+    assert losses[-1] < losses[0]
+    assert any(sim._track)  # bf16 casts of weights were saved and are replayed from the live weights
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="dtype"):
+        sim.step(seq.float(), seq)

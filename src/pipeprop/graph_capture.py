@@ -95,6 +95,11 @@ def loss_from_output(output: Any, _target: Any = None) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- capture
+#: dtype assertions export adds after ``.to()`` calls; under autocast the dtypes legitimately differ from
+#: the capture's (stage 0 checks its inputs' shapes and dtypes itself)
+_DROPPED = {torch.ops.aten._assert_tensor_metadata.default}
+
+
 @dataclass
 class CapturedModel:
     """A model's exported forward plus what is needed to cut it."""
@@ -157,7 +162,7 @@ def capture(model: nn.Module, example_input: Any, example_target: Any = None) ->
         )
     nodes, owner, stack = [], {}, {}
     for node in program.graph.nodes:
-        if node.op != "call_function":
+        if node.op != "call_function" or node.target in _DROPPED:
             continue
         nodes.append(node)
         paths = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
@@ -286,6 +291,7 @@ class GraphStage(nn.Module):
         *,
         in_spec: Any = None,
         input_shapes: Sequence[Any] = (),
+        input_dtypes: Sequence[Any] = (),
         out_spec: Any = None,
         target_keyword: Optional[str] = None,
         takes_target: bool = False,
@@ -294,6 +300,7 @@ class GraphStage(nn.Module):
         self.graph_module = graph_module
         self.in_spec = in_spec
         self.input_shapes = list(input_shapes)
+        self.input_dtypes = list(input_dtypes)
         self.out_spec = out_spec
         self.target_keyword = target_keyword
         self.takes_target = takes_target
@@ -307,7 +314,12 @@ class GraphStage(nn.Module):
                     f"the model was captured for inputs structured as {self.in_spec}, got {spec}; pass micro-batches "
                     "like the example input"
                 )
-            for i, (t, shape) in enumerate(zip(flat, self.input_shapes)):
+            for i, (t, shape, dtype) in enumerate(zip(flat, self.input_shapes, self.input_dtypes)):
+                if isinstance(t, Tensor) and dtype is not None and t.dtype != dtype:
+                    raise ValueError(
+                        f"input {i} is {t.dtype} but the model's graph was captured for {dtype}; pass inputs of that "
+                        "dtype (precision='64' converts them)"
+                    )
                 if isinstance(t, Tensor) and shape is not None and tuple(t.shape) != shape:
                     raise ValueError(
                         f"input {i} has shape {tuple(t.shape)} but the model's graph was captured for {shape}: every "
@@ -384,10 +396,12 @@ def split(cap: CapturedModel, stage_of: Sequence[int]) -> list[tuple[GraphStage,
         gm = fx.GraphModule(root, g)
         first = s == 0
         shapes = [tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), Tensor) else None for n in user_inputs]
+        dtypes = [n.meta["val"].dtype if isinstance(n.meta.get("val"), Tensor) else None for n in user_inputs]
         stage = GraphStage(
             gm,
             in_spec=cap.program.call_spec.in_spec if first else None,
             input_shapes=shapes if first else (),
+            input_dtypes=dtypes if first else (),
             out_spec=cap.program.call_spec.out_spec if last else None,
             target_keyword=cap.target_keyword,
             takes_target=cap.has_target,
