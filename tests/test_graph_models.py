@@ -65,6 +65,20 @@ class TiedMLP(nn.Module):
         return h @ self.emb.weight  # logits over 4 classes, through the same parameter
 
 
+class TiedMiddle(nn.Module):
+    """A weight read by stage 0 and again by stage 2 (delay 2): that stage keeps its own versions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(4, 6, bias=False)
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(torch.tanh(self.emb(x))))
+        return self.out(torch.tanh(h @ self.emb.weight))
+
+
 TIED_PROGRAM = [
     [("lin", "x", "z0", "emb"), ("tanh", "z0", "h0")],
     [("lin", "h0", "z1", "fc"), ("tanh", "z1", "h1")],
@@ -296,13 +310,22 @@ def test_sequential_wrapping_a_module_is_split_not_one_stage():
 
 
 # ----------------------------------------------------------------------------- tied weights
-def tied_reference(weights, xs, ys, cfg):
+TIED_MIDDLE_PROGRAM = [
+    [("lin", "x", "z0", "emb"), ("tanh", "z0", "h0")],
+    [("lin", "h0", "z1", "fc"), ("tanh", "z1", "h1")],
+    [("tied", "h1", "z2", "emb"), ("tanh", "z2", "h2")],
+    [("lin", "h2", "out", "out")],
+]
+
+
+def tied_reference(program, owner_stage, weights, xs, ys, cfg):
     """Sequential PB with every weight version kept: the forward of stage s reads version n - D_s of each
     parameter (predicted with horizon D_s under LWP), the backward reads version n, the gradients of all
     uses are summed, and each parameter is updated once per step with its owner's (first reader's) delay."""
+    TIED_PROGRAM = program
     S = len(TIED_PROGRAM)
     delays = [2 * (S - 1 - s) for s in range(S)]
-    owner_delay = {"emb.weight": delays[0], "fc.weight": delays[1], "fc.bias": delays[1]}
+    owner_delay = {k: delays[owner_stage[k.split(".")[0]]] for k in weights}
     hist_w = [dict(weights)]
     hist_v = [{k: torch.zeros_like(t) for k, t in weights.items()}]
     losses = []
@@ -329,17 +352,19 @@ def tied_reference(weights, xs, ys, cfg):
     return hist_w[-1], losses
 
 
+@pytest.mark.parametrize("kind", ["end", "middle"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_tied_weights_equal_reference_and_stay_tied(method):
+def test_tied_weights_equal_reference_and_stay_tied(method, kind):
     torch.manual_seed(5)
-    model = TiedMLP().to(DT)
+    model = (TiedMLP() if kind == "end" else TiedMiddle()).to(DT)
+    program = TIED_PROGRAM if kind == "end" else TIED_MIDDLE_PROGRAM
     xs, ys = _data(12, 2, 4, 4, seed=2)
     part = pipeprop.partition(model, "layer", example_input=xs[0])
-    assert len(part) == 3
+    assert len(part) == len(program)
     shared = part.shared_parameters()
     assert len(shared) == 1 and shared[0][0] is model.emb.weight and shared[0][1] == [0, 2]
     cfg = dict(lr=0.1, momentum=0.7, wd=0.0, **METHODS[method])
-    ref_w, ref_losses = tied_reference(_state(model), xs, ys, cfg)
+    ref_w, ref_losses = tied_reference(program, {"emb": 0, "fc": 1, "out": 3}, _state(model), xs, ys, cfg)
 
     sim = pipeprop.build_simulator(part, F.cross_entropy, method=method, lr=0.1, momentum=0.7)
     losses = [sim.step(x, y) for x, y in zip(xs, ys)]
@@ -348,5 +373,30 @@ def test_tied_weights_equal_reference_and_stay_tied(method):
     got = _state(model)
     for k, v in ref_w.items():
         torch.testing.assert_close(got[k], v, rtol=1e-10, atol=1e-12, msg=k)
-    assert len(list(model.parameters())) == 3  # one parameter, still shared by both uses
     assert part[0][0].graph_module.p_emb_weight is part[2][0].graph_module.p_emb_weight is model.emb.weight
+
+
+def test_tied_weights_resume_bit_exactly_from_a_state_dict():
+    """The versions a later stage keeps of a shared weight are part of the simulator's state."""
+    torch.manual_seed(5)
+    xs, ys = _data(12, 2, 4, 4, seed=2)
+    a = TiedMiddle().to(DT)
+    b = copy.deepcopy(a)
+    kw = dict(method="pb+sc+lwp", lr=0.1, momentum=0.7, example_input=xs[0])
+    sim_a = pipeprop.build_simulator(a, F.cross_entropy, **kw)
+    for x, y in zip(xs, ys):
+        sim_a.step(x, y)
+    sim_b = pipeprop.build_simulator(b, F.cross_entropy, **kw)
+    for x, y in zip(xs[:5], ys[:5]):
+        sim_b.step(x, y)
+    state = copy.deepcopy((b.state_dict(), sim_b.optimizer.state_dict(), sim_b.state_dict()))
+    assert len(sim_b.stages) == 4 and "reader_rings" in state[2]
+    c = TiedMiddle().to(DT)
+    sim_c = pipeprop.build_simulator(c, F.cross_entropy, **kw)
+    c.load_state_dict(state[0])
+    sim_c.optimizer.load_state_dict(state[1])
+    sim_c.load_state_dict(state[2])
+    for x, y in zip(xs[5:], ys[5:]):
+        sim_c.step(x, y)
+    for p, q in zip(a.parameters(), c.parameters()):
+        assert torch.equal(p, q)

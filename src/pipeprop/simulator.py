@@ -366,10 +366,16 @@ class PipelineSimulator:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Step count and weight-version ring buffers (the model and optimizer are saved separately)."""
-        return {
+        state = {
             "step_count": self.step_count,
             "rings": [None if r is None else [[t.clone() for t in slot] for slot in r.slots] for r in self._rings],
         }
+        readers = [[None if r is None else [[t.clone() for t in slot] for slot in r.slots] for _, r in g] for g in self._reader_groups]
+        if any(any(r is not None for r in g) for g in readers):
+            state["reader_rings"] = readers
+        if self._scaler is not None:
+            state["loss_scaler"] = self._scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         rings = state["rings"]
@@ -389,4 +395,16 @@ class PipelineSimulator:
                     else:
                         for t, v in zip(mine.slots[k], saved):
                             t.copy_(v)
+        for readers, saved_readers in zip(self._reader_groups, state.get("reader_rings") or [[None] * len(g) for g in self._reader_groups]):
+            for (group, ring), saved in zip(readers, saved_readers):
+                if ring is None or saved is None:
+                    continue
+                params = group_params(group)
+                ring.slots = [
+                    [v.detach().clone().to(p.device, p.dtype) for v, p in zip(slot, params)] if ring.by_reference else
+                    [t.copy_(v) for t, v in zip(ring.slots[k], slot)]
+                    for k, slot in enumerate(saved)
+                ]
+        if self._scaler is not None and "loss_scaler" in state:
+            self._scaler.load_state_dict(state["loss_scaler"])
         self.step_count = int(state["step_count"])

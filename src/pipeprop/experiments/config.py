@@ -58,6 +58,7 @@ class ExperimentConfig:
     test_subset: Optional[int] = None
     augment: bool = False
     dtype: str = "float32"
+    precision: str = "32"  # "32" | "64" | "bf16-mixed" | "16-mixed" (pipeprop.precision)
     # method at micro-batch size b
     method: str = "pb+sc+lwp"
     method_options: dict[str, Any] = field(default_factory=dict)

@@ -129,6 +129,7 @@ class Runner:
             weight_decay=self.recipe.weight_decay,
             partition=cfg.partition,
             delay_offset=cfg.delay_offset,
+            precision=cfg.precision,
             **cfg.method_options,
         )
         b = cfg.micro_batch
