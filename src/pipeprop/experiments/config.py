@@ -88,6 +88,7 @@ class ExperimentConfig(BaseModel):
     test_subset: Optional[int] = Field(None, ge=1)
     augment: bool = False
     dtype: Literal["float32", "float64"] = "float32"
+    precision: Literal["32", "64", "bf16-mixed", "16-mixed"] = "32"  # compute precision (pipeprop.precision)
     # method and optimizer at micro-batch size b
     method: str = "pb+sc+lwp"
     method_options: dict[str, Any] = Field(default_factory=dict)

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..api import build_simulator
 from ..data import ImageDataset
+from ..rng import get_rng_state, set_rng_state
 from ..simulator import DivergenceError
 from .builders import (ModelFactory, TrackedCrossEntropy, build_dataset, build_lr_schedule, build_model, build_stream,
                        optimizer_options)
@@ -116,6 +117,7 @@ class Runner:
             weight_decay=self.recipe.weight_decay,
             partition=cfg.partition,
             delay_offset=cfg.delay_offset,
+            precision=cfg.precision,
             **optimizer_options(cfg, build_simulator),
         )
         self.sim.optimizer.set_lr_schedule(build_lr_schedule(self.recipe))
@@ -141,7 +143,7 @@ class Runner:
             "metrics": json.dumps(self.metrics),
             "progress": dict(vars(self.progress)),
             "window": json.dumps(self.window.entries),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -152,7 +154,7 @@ class Runner:
         self.metrics = json.loads(state["metrics"])
         self.progress = _Progress(**state["progress"])
         self.window = TrainWindow(self.window.size, json.loads(state["window"]))
-        torch.set_rng_state(state["torch_rng"])
+        set_rng_state(state["torch_rng"])
 
     def save(self) -> None:
         save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict(), config_hash=self.config.config_hash())
