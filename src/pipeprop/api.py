@@ -27,8 +27,11 @@ def build_simulator(
     loss_fn: Callable[[Any, Any], Tensor],
     *,
     method: str = "pb+sc+lwp",
+    optimizer: str = "sgd",
     lr: float,
-    momentum: float = 0.0,
+    momentum: Optional[float] = None,
+    betas: Optional[Sequence[float]] = None,
+    eps: Optional[float] = None,
     weight_decay: float = 0.0,
     partition: Granularity = "layer",
     delay_offset: int = 0,
@@ -36,14 +39,18 @@ def build_simulator(
 ) -> PipelineSimulator:
     """Partition ``model`` (unless it already is a :class:`Partition`) and build its simulator for ``method``.
 
-    Extra ``options`` go to the method's optimizer (e.g. ``lwp_horizon=4``, ``nesterov=True``).
+    ``optimizer`` is ``"sgd"`` (with ``momentum``) or ``"adam"``, ``"adamw"``, ``"nadam"`` (with ``betas``,
+    default ``(0.9, 0.999)``, and ``eps``, default ``1e-8``). Extra ``options`` go to the method's optimizer
+    (e.g. ``lwp_horizon=4``, ``nesterov=True``).
     """
     spec = get_method(method)
     part = model if isinstance(model, Partition) else make_partition(model, partition, delay_offset=delay_offset)
     delays = part.delays if spec.pipelined else [0] * len(part)
-    kwargs = {**spec.options, **options}
-    optimizer = spec.optimizer(stage_param_groups(part.stages, delays), lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
-    return PipelineSimulator(part.stages, optimizer, loss_fn, weight_mode=spec.weight_mode)
+    opt = spec.build_optimizer(
+        stage_param_groups(part.stages, delays), optimizer=optimizer, lr=lr, momentum=momentum, betas=betas, eps=eps,
+        weight_decay=weight_decay, **options,
+    )
+    return PipelineSimulator(part.stages, opt, loss_fn, weight_mode=spec.weight_mode)
 
 
 def train(
@@ -52,8 +59,11 @@ def train(
     loss_fn: Callable[[Any, Any], Tensor],
     *,
     method: str = "pb+sc+lwp",
+    optimizer: str = "sgd",
     lr: float,
-    momentum: float = 0.0,
+    momentum: Optional[float] = None,
+    betas: Optional[Sequence[float]] = None,
+    eps: Optional[float] = None,
     weight_decay: float = 0.0,
     partition: Granularity = "layer",
     delay_offset: int = 0,
@@ -63,11 +73,13 @@ def train(
 
     One ``(x, y)`` micro-batch from ``batches`` enters the pipeline per step (its size is the micro-batch
     size, 1 for the paper's setting). ``method`` is one of :func:`pipeprop.available_methods`, e.g.
-    ``"sgd"``, ``"pb"``, ``"pb+sc"``, ``"pb+lwp"``, ``"pb+sc+lwp"``, ``"pb+stash"``. When it returns, every
-    micro-batch's update has been applied.
+    ``"sgd"``, ``"pb"``, ``"pb+sc"``, ``"pb+lwp"``, ``"pb+sc+lwp"``, ``"pb+stash"``; ``optimizer`` is one of
+    ``"sgd"`` (heavy-ball momentum ``momentum``), ``"adam"``, ``"adamw"``, ``"nadam"`` (``betas``, ``eps``),
+    independent of the method. When it returns, every micro-batch's update has been applied.
     """
     sim = build_simulator(
-        model, loss_fn, method=method, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        model, loss_fn, method=method, optimizer=optimizer, lr=lr, momentum=momentum, betas=betas, eps=eps,
+        weight_decay=weight_decay,
         partition=partition, delay_offset=delay_offset, **options,
     )
     return [sim.step(x, y) for x, y in batches]
