@@ -283,3 +283,36 @@ def test_checkpoint_resume_is_bit_exact_with_adam_state():
     assert got == want
     for p, q in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(p, q)
+
+
+# ----------------------------------------------------------------------------- AsyncPP (NAdam, β1 0.99, stashing)
+def test_decoupled_nadam_equals_torch(float64_scalars):
+    torch.manual_seed(0)
+    model = _mlp()
+    twin = copy.deepcopy(model)
+    sim = pipeprop.build_simulator(model, F.cross_entropy, method="sgd", optimizer="nadam", lr=0.01, betas=(0.99, 0.999),
+                                   weight_decay=0.1, decoupled_weight_decay=True)
+    opt = torch.optim.NAdam(twin.parameters(), lr=0.01, betas=(0.99, 0.999), weight_decay=0.1, decoupled_weight_decay=True)
+    for x, y in _batches(8):
+        sim.step(x, y)
+        opt.zero_grad()
+        F.cross_entropy(twin(x), y).backward()
+        opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_asyncpp_method_is_stashed_nadamw_with_high_beta1():
+    sim = pipeprop.build_simulator(_mlp(), F.cross_entropy, method="asyncpp", lr=1e-3, weight_decay=0.01)
+    opt = sim.optimizer
+    assert sim.weight_mode == "stash" and isinstance(opt, PipelineAdam)
+    g = opt.param_groups[0]
+    assert g["variant"] == "nadam" and g["decoupled_weight_decay"] and g["betas"] == (0.99, 0.999)
+    with pytest.raises(ValueError, match="defined for optimizer"):
+        pipeprop.build_simulator(_mlp(), F.cross_entropy, method="asyncpp", optimizer="sgd", lr=1e-3)
+    # adaptive momentum: β1 + D/(D_max + 2)·(target − β1); delays 4, 2, 0 -> D_max + 2 = 6
+    sim = pipeprop.build_simulator(_mlp(), F.cross_entropy, method="asyncpp", lr=1e-3, betas=(0.9, 0.999),
+                                   beta1_target=0.99)
+    got = [sim.optimizer.stage_betas(g)[0] for g in sim.optimizer.param_groups]
+    assert [g["delay"] for g in sim.optimizer.param_groups] == [4, 2, 0]
+    assert got == pytest.approx([0.9 + 4 / 6 * 0.09, 0.9 + 2 / 6 * 0.09, 0.9])

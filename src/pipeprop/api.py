@@ -27,7 +27,7 @@ def build_simulator(
     loss_fn: Callable[[Any, Any], Tensor],
     *,
     method: str = "pb+sc+lwp",
-    optimizer: str = "sgd",
+    optimizer: Optional[str] = None,
     lr: float,
     momentum: Optional[float] = None,
     betas: Optional[Sequence[float]] = None,
@@ -39,7 +39,7 @@ def build_simulator(
 ) -> PipelineSimulator:
     """Partition ``model`` (unless it already is a :class:`Partition`) and build its simulator for ``method``.
 
-    ``optimizer`` is ``"sgd"`` (with ``momentum``) or ``"adam"``, ``"adamw"``, ``"nadam"`` (with ``betas``,
+    ``optimizer`` is ``"sgd"`` (the default for every method but ``asyncpp``; with ``momentum``) or ``"adam"``, ``"adamw"``, ``"nadam"`` (with ``betas``,
     default ``(0.9, 0.999)``, and ``eps``, default ``1e-8``). Extra ``options`` go to the method's optimizer
     (e.g. ``lwp_horizon=4``, ``nesterov=True``).
     """
@@ -59,7 +59,7 @@ def train(
     loss_fn: Callable[[Any, Any], Tensor],
     *,
     method: str = "pb+sc+lwp",
-    optimizer: str = "sgd",
+    optimizer: Optional[str] = None,
     lr: float,
     momentum: Optional[float] = None,
     betas: Optional[Sequence[float]] = None,

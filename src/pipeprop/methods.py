@@ -89,6 +89,11 @@ class Method:
             object.__setattr__(self, "optimizers", choices)
         object.__setattr__(self, "optimizers", tuple(normalize_optimizer(o) for o in self.optimizers))
 
+    @property
+    def default_optimizer(self) -> str:
+        """The optimizer used when none is given: ``"sgd"``, or the only one the method supports."""
+        return "sgd" if "sgd" in self.optimizers else self.optimizers[0]
+
     def optimizer_class(self, optimizer: str = "sgd") -> tuple[type[PipelineOptimizer], dict[str, Any]]:
         """The class and fixed options built for ``optimizer``; a clear error if the method does not support it."""
         opt = normalize_optimizer(optimizer)
@@ -107,7 +112,7 @@ class Method:
         self,
         groups: Sequence[dict[str, Any]],
         *,
-        optimizer: str = "sgd",
+        optimizer: Optional[str] = None,
         lr: float,
         momentum: Optional[float] = None,
         betas: Optional[Sequence[float]] = None,
@@ -117,10 +122,11 @@ class Method:
     ) -> PipelineOptimizer:
         """This method's per-stage optimizer over ``groups`` (one parameter group per stage).
 
+        ``optimizer=None`` uses :attr:`default_optimizer` (``"sgd"`` for every method that supports it).
         ``momentum`` only for SGD; ``betas`` and ``eps`` only for the Adam family. ``options`` override the
         method's own options (e.g. ``lwp_horizon=4``).
         """
-        opt = normalize_optimizer(optimizer)
+        opt = self.default_optimizer if optimizer is None else normalize_optimizer(optimizer)
         cls, fixed = self.optimizer_class(opt)
         kwargs: dict[str, Any] = {**fixed, **self.options, **options}
         if cls is PipelineAdam or issubclass(cls, PipelineAdam):
@@ -168,6 +174,9 @@ METHODS: tuple[Method, ...] = (
            aliases=("nesterov",)),
     Method("sgd+nesterov", options={"nesterov": True}, pipelined=False, optimizers=_SGD_ONLY,
            summary="synchronous SGD with Nesterov momentum (no delay)"),
+    Method("asyncpp", options={"betas": (0.99, 0.999), "decoupled_weight_decay": True}, weight_mode="stash",
+           optimizers=("nadam",), summary="AsyncPP: NAdam (decoupled decay) with beta1 0.99 + weight stashing",
+           aliases=("pb+asyncpp", "pipenag")),
 )
 
 _REGISTRY: dict[str, Method] = {}

@@ -163,6 +163,12 @@ class ScaledRecipe:
         """``η/(1−m)``, the learning rate a gradient receives in total through momentum."""
         return self.lr / (1.0 - self.momentum) if self.momentum < 1.0 else math.inf
 
+    def optimizer_kwargs(self) -> dict:
+        """``optimizer`` plus ``momentum`` (SGD) or ``betas``/``eps`` (Adam family), for ``build_simulator``."""
+        if self.betas is None:
+            return {"optimizer": self.optimizer, "momentum": self.momentum}
+        return {"optimizer": self.optimizer, "betas": self.betas, "eps": self.eps}
+
     def to_dict(self) -> dict:
         return asdict(self)
 

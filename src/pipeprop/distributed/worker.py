@@ -154,7 +154,7 @@ def _run_rank(cfg: DistributedConfig, rank: int, world: int) -> int:
         comm=comm,
         method=exp.method,
         lr=setup.recipe.lr,
-        momentum=setup.recipe.momentum,
+        **setup.recipe.optimizer_kwargs(),
         weight_decay=setup.recipe.weight_decay,
         assignment=[len(r) for r in setup.ranges],
         device=device,

@@ -64,8 +64,11 @@ class ExperimentConfig:
     micro_batch: int = 1
     # reference recipe at batch size B, scaled to b by `rule`
     batch_size: int = 128
+    optimizer: str = "sgd"  # "sgd" | "adam" | "adamw" | "nadam" (independent of the method)
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam family only
+    eps: float = 1e-8  # adam family only
     weight_decay: float = 0.0
     rule: str = "momentum"
     schedule: str = "step"  # "step" | "cosine" | "constant"
@@ -104,6 +107,11 @@ class ExperimentConfig:
         need(0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         normalize_rule(self.rule)
+        from ..methods import normalize_optimizer
+
+        self.optimizer = normalize_optimizer(self.optimizer)
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
+        need(self.eps >= 0, f"eps must be >= 0, got {self.eps}")
         need(self.schedule in ("step", "cosine", "constant"), f"schedule must be step, cosine or constant, got {self.schedule!r}")
         need(self.epochs > 0 or (self.samples or 0) > 0, "set epochs > 0 or samples > 0")
         need(self.samples is None or self.samples > 0, f"samples must be > 0, got {self.samples}")
@@ -129,6 +137,9 @@ class ExperimentConfig:
             batch_size=self.batch_size,
             lr=self.lr,
             momentum=self.momentum,
+            optimizer=self.optimizer,
+            betas=(float(self.betas[0]), float(self.betas[1])),
+            eps=self.eps,
             weight_decay=self.weight_decay,
             epochs=self.total_samples(train_size) / train_size,
             warmup_epochs=self.warmup_epochs,

@@ -160,6 +160,9 @@ class PipelineAdam(PipelineOptimizer):
         weight_prediction: predict forward weights with LWP.
         lwp_horizon: prediction horizon ``T`` (default: the group's delay).
         lwp_weight_decay: include the decoupled decay ``λ w`` in the predicted step.
+        beta1_target: delay-dependent first-moment decay (AsyncPP's "adaptive momentum"): stage β1 =
+            ``β1 + D/(D_max + 2) · (beta1_target − β1)``; ``None`` keeps β1 for every stage.
+        pipeline_max_delay: ``D_max`` for ``beta1_target`` (default: the largest delay among the groups).
         foreach: multi-tensor path (default True); ``False`` updates one tensor at a time.
     """
 
@@ -182,6 +185,8 @@ class PipelineAdam(PipelineOptimizer):
         weight_prediction: bool = False,
         lwp_horizon: Optional[int] = None,
         lwp_weight_decay: bool = False,
+        beta1_target: Optional[float] = None,
+        pipeline_max_delay: Optional[int] = None,
         foreach: Optional[bool] = None,
     ) -> None:
         if lr < 0.0:
@@ -203,6 +208,8 @@ class PipelineAdam(PipelineOptimizer):
         for name, value in (("delay", delay), ("sc_delay", sc_delay), ("lwp_horizon", lwp_horizon)):
             if value is not None and int(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if beta1_target is not None and not 0.0 <= beta1_target < 1.0:
+            raise ValueError(f"beta1_target must lie in [0, 1), got {beta1_target}")
         if lwp_weight_decay and not decoupled_weight_decay:
             raise ValueError("lwp_weight_decay predicts the decoupled decay; use it with decoupled_weight_decay=True (AdamW)")
         defaults = dict(
@@ -219,6 +226,8 @@ class PipelineAdam(PipelineOptimizer):
             weight_prediction=weight_prediction,
             lwp_horizon=lwp_horizon,
             lwp_weight_decay=lwp_weight_decay,
+            beta1_target=beta1_target,
+            pipeline_max_delay=pipeline_max_delay,
             foreach=True if foreach is None else bool(foreach),
         )
         super().__init__(params, defaults)
@@ -227,6 +236,17 @@ class PipelineAdam(PipelineOptimizer):
     def _group_lr(self, group: dict[str, Any]) -> float:
         """The stage's effective learning rate now (hook for schedules and per-stage factors)."""
         return group["lr"]
+
+    def stage_betas(self, group: dict[str, Any]) -> tuple[float, float]:
+        """``(β1, β2)`` of this stage (β1 moved towards ``beta1_target`` in proportion to the delay)."""
+        beta1, beta2 = group["betas"]
+        target = group.get("beta1_target")
+        if target is None:
+            return beta1, beta2
+        d_max = group.get("pipeline_max_delay")
+        if d_max is None:
+            d_max = max(self.stage_delay(g) for g in self.param_groups)
+        return beta1 + self.stage_delay(group) / (int(d_max) + 2) * (target - beta1), beta2
 
     def _sc_delay(self, group: dict[str, Any]) -> int:
         d = group["sc_delay"]
@@ -273,7 +293,7 @@ class PipelineAdam(PipelineOptimizer):
 
     def _predicted(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
         """``w − η T (m̂/(√v̂ + ε) [+ λ w])`` for params that have a state (new tensors)."""
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = self.stage_betas(group)
         t = int(self.state[params[0]]["step"])
         lr, horizon, eps = self._group_lr(group), self._lwp_horizon(group), group["eps"]
         m = [self.state[p]["exp_avg"] for p in params]
@@ -302,7 +322,7 @@ class PipelineAdam(PipelineOptimizer):
         return loss
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = self.stage_betas(group)
         lr, wd, eps = self._group_lr(group), group["weight_decay"], group["eps"]
         decoupled = group["decoupled_weight_decay"]
         exp_avgs, exp_avg_sqs = [], []
