@@ -316,3 +316,38 @@ def test_asyncpp_method_is_stashed_nadamw_with_high_beta1():
     got = [sim.optimizer.stage_betas(g)[0] for g in sim.optimizer.param_groups]
     assert [g["delay"] for g in sim.optimizer.param_groups] == [4, 2, 0]
     assert got == pytest.approx([0.9 + 4 / 6 * 0.09, 0.9 + 2 / 6 * 0.09, 0.9])
+
+
+# ----------------------------------------------------------------------------- runner and CLI
+def test_runner_with_adamw_scales_by_the_square_root_rule_and_resumes_bit_exactly(tmp_path):
+    from pipeprop.experiments import ExperimentConfig, Runner, run_experiment
+
+    cfg = ExperimentConfig(name="tiny-adam", model="mlp", model_options={"hidden": 16}, dataset="digits",
+                           method="pb+sc+lwp", optimizer="adamw", batch_size=16, lr=4e-3, betas=[0.9, 0.99],
+                           weight_decay=0.01, samples=200, eval_every=50, checkpoint_every=50, test_subset=100,
+                           progress=False, schedule="cosine")
+    runner = Runner(cfg, tmp_path / "probe").setup()
+    group = runner.sim.optimizer.param_groups[0]
+    assert isinstance(runner.sim.optimizer, PipelineAdam) and group["decoupled_weight_decay"]
+    assert runner.recipe.lr == pytest.approx(1e-3) and group["betas"] == pytest.approx((1 - 0.1 / 16, 1 - 0.01 / 16))
+    full = run_experiment(cfg, tmp_path / "full")
+    assert full["status"] == "completed"
+    assert run_experiment(cfg, tmp_path / "split", stop_after_steps=70)["status"] == "stopped"
+    Runner(cfg, tmp_path / "split").setup().run(resume=True)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"]) and st["step"] == 200
+
+
+def test_cli_lists_the_optimizer_choice():
+    from click.testing import CliRunner
+
+    from pipeprop.cli import main
+
+    out = CliRunner().invoke(main, ["methods"])
+    assert out.exit_code == 0 and "sgd, adam, adamw, nadam" in out.output and "asyncpp" in out.output
+    assert "--optimizer [sgd|adam|adamw|nadam]" in CliRunner().invoke(main, ["train", "--help"]).output
