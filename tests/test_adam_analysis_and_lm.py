@@ -9,21 +9,25 @@ import pytest
 import torch
 
 import pipeprop
-from pipeprop.analysis.adam import adam_effective_h, measure_adam_rate
+import numpy as np
+
+from pipeprop.analysis.adam import adam_effective_h, adam_trajectory, measure_adam_reduction
 
 
+@pytest.mark.parametrize("lr", [0.002, 0.05])
 @pytest.mark.parametrize("method", ["pb", "pb+sc", "pb+lwp", "pb+sc+lwp"])
-def test_adam_with_frozen_preconditioner_follows_the_sgd_polynomial(method):
-    measured, predicted = measure_adam_rate(method, lr=0.002, lam=1.0, beta1=0.9, delay=6, v_hat=0.25, steps=2000)
-    assert predicted < 1.0
-    assert measured == pytest.approx(predicted, abs=1e-9)
+def test_adam_with_frozen_preconditioner_follows_the_sgd_recurrence(method, lr):
+    rel, rate = measure_adam_reduction(method, lr=lr, lam=1.0, beta1=0.9, delay=6, v_hat=0.25, steps=400)
+    assert rel < 1e-10, f"{method}: PipelineAdam left the SGD recurrence (relative gap {rel:.2e})"
 
 
-def test_adam_effective_h_and_a_guard_that_the_measurement_can_fail():
+def test_adam_effective_h_and_a_guard_that_the_comparison_can_fail():
     assert adam_effective_h(0.01, 2.0, 0.9, 0.25, eps=0.0) == pytest.approx(0.01 * 0.1 * 2.0 / 0.5)
-    measured, predicted = measure_adam_rate("pb+sc", lr=0.002, lam=1.0, beta1=0.9, delay=6, v_hat=0.25, steps=2000)
-    wrong = measure_adam_rate("pb", lr=0.002, lam=1.0, beta1=0.9, delay=6, v_hat=0.25, steps=2000)[1]
-    assert abs(measured - wrong) > 1e-5  # SC changes the rate, so matching the SC polynomial means something
+    from pipeprop.analysis import simulate
+
+    sc = adam_trajectory("pb+sc", lr=0.05, lam=1.0, beta1=0.9, delay=6, v_hat=0.25, steps=200)
+    plain, _ = simulate(adam_effective_h(0.05, 1.0, 0.9, 0.25), "pb", 0.9, 6, 200)
+    assert np.max(np.abs(sc - plain)) > 1e-3  # SC changes the trajectory: matching the SC recurrence means something
 
 
 # ----------------------------------------------------------------------------- Tiny Shakespeare
