@@ -5,7 +5,7 @@ characters per micro-batch and reports the validation loss in nats per character
 ``(optimizer, method, seed)`` of a TOML config one after the other (finished runs are skipped, so an
 interrupted sweep continues where it stopped), then writes a table (mean ± std over seeds) and a plot::
 
-    python -m pipeprop.experiments.lm sweep --config configs/shakespeare-gpt-budget.toml --out runs/lm
+    python -m pipeprop.experiments.lm sweep --config configs/lm/shakespeare-gpt-budget.toml --out runs/lm
     python -m pipeprop.experiments.lm report --out runs/lm          # table + plot from finished runs
 
 Config keys (TOML, all optional): ``context``, ``d_model``, ``n_layers``, ``n_heads``, ``steps``,
@@ -253,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeprop.experiments.lm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("sweep", help="run every (optimizer, method, seed) of a config")
-    run.add_argument("--config", required=True, help="a TOML file, e.g. configs/shakespeare-gpt-budget.toml")
+    run.add_argument("--config", required=True, help="a TOML file, e.g. configs/lm/shakespeare-gpt-budget.toml")
     run.add_argument("--out", required=True, help="output folder (finished runs in it are reused)")
     run.add_argument("--data-dir", default=None, help="folder holding Tiny Shakespeare's input.txt")
     run.add_argument("--no-progress", action="store_true")
