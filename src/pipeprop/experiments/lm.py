@@ -166,7 +166,10 @@ def _run_file(out: Path, optimizer: str, method: str, seed: int) -> Path:
 
 
 def sweep(cfg: LMConfig, out: str | Path, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Every (optimizer, method, seed) of ``cfg``, one after the other; finished runs are reused."""
+    """Every (optimizer, method, seed) of ``cfg``, one after the other; finished runs are reused.
+
+    Pairs whose method does not support the optimizer (e.g. ``asyncpp`` with ``adamw``) are skipped, with a note.
+    """
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -174,6 +177,10 @@ def sweep(cfg: LMConfig, out: str | Path, *, progress: bool = True) -> list[dict
     records = []
     for optimizer in cfg.optimizers:
         for method in cfg.methods:
+            if optimizer not in get_method(method).optimizers:
+                print(f"skipping {method} with {optimizer}: the method is defined for "
+                      f"{', '.join(get_method(method).optimizers)} only", file=sys.stderr)
+                continue
             for seed in cfg.seeds:
                 path = _run_file(out, optimizer, get_method(method).name, seed)
                 if path.is_file():
