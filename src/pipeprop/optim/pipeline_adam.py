@@ -234,8 +234,9 @@ class PipelineAdam(PipelineOptimizer):
 
     # ------------------------------------------------------------------ per-stage quantities
     def _group_lr(self, group: dict[str, Any]) -> float:
-        """The stage's effective learning rate now (hook for schedules and per-stage factors)."""
-        return group["lr"]
+        """The stage's effective learning rate now: the base class's hook (schedules) where it has one."""
+        base = getattr(super(), "_group_lr", None)
+        return base(group) if base is not None else group["lr"]
 
     def stage_betas(self, group: dict[str, Any]) -> tuple[float, float]:
         """``(β1, β2)`` of this stage (β1 moved towards ``beta1_target`` in proportion to the delay)."""
