@@ -196,6 +196,16 @@ def _load_runs(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
 
 
+_METHOD_ORDER = ("sgd", "pb", "pb+stash", "pb+sc", "pb+lwp", "pb+sc+lwp", "asyncpp")
+_OPTIMIZER_ORDER = ("adamw", "adam", "nadam", "sgd")
+
+
+def _order(optimizer: str, method: str) -> tuple[int, int, str]:
+    o = _OPTIMIZER_ORDER.index(optimizer) if optimizer in _OPTIMIZER_ORDER else len(_OPTIMIZER_ORDER)
+    m = _METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER)
+    return o, m, method
+
+
 def summarize(out: str | Path) -> str:
     """Markdown table: final and best validation loss (nats/char), mean ± std over seeds, per optimizer × method."""
     runs = _load_runs(Path(out))
@@ -206,13 +216,14 @@ def summarize(out: str | Path) -> str:
              "|---|---|---|---|---|---|---|"]
 
     def ms(values: list[float]) -> str:
-        values = [v for v in values if math.isfinite(v)]
-        if not values:
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
             return "—"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+        sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
+        note = f" ({len(finite)} of {len(values)} seeds)" if len(finite) < len(values) else ""
+        return f"{statistics.mean(finite):.3f} ± {sd:.3f}{note}"
 
-    for (opt, method), rs in groups.items():
+    for (opt, method), rs in sorted(groups.items(), key=lambda kv: _order(*kv[0])):
         lines.append(
             f"| {opt} | {method} | {len(rs)} | {ms([r['final_val_loss'] for r in rs])} | "
             f"{ms([r['best_val_loss'] for r in rs])} | {sum(r['status'] == 'diverged' for r in rs)} | "
@@ -236,7 +247,7 @@ def plot_sweep(out: str | Path, path: str | Path) -> Path:
         for r in runs:
             if r["optimizer"] == opt and r["status"] == "completed":
                 methods.setdefault(r["method"], []).append(r)
-        for method, rs in methods.items():
+        for method, rs in sorted(methods.items(), key=lambda kv: _order(opt, kv[0])):
             n = min(len(r["curve"]) for r in rs)
             xs = [rs[0]["curve"][i]["chars"] for i in range(n)]
             ys = [statistics.mean(r["curve"][i]["val_loss"] for r in rs) for i in range(n)]
