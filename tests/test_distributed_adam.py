@@ -1,4 +1,4 @@
-"""The distributed engine equals the simulator with AdamW (2 ranks, gloo on CPU, float64).
+"""The distributed engine equals the simulator with AdamW, and with NAdam for AsyncPP (2 ranks, gloo, float64).
 
 Uses only the engine's public entry points: ``PipelineComm.from_env``, ``build_pipeline`` and
 ``DistributedPipeline.run``.
@@ -20,9 +20,14 @@ from torch import nn
 
 import pipeprop
 
-METHODS = ("pb", "pb+stash", "pb+sc", "pb+lwp", "pb+sc+lwp")
+METHODS = ("pb", "pb+stash", "pb+sc", "pb+lwp", "pb+sc+lwp", "asyncpp")
 N = 12
 HP = dict(optimizer="adamw", lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)
+
+
+def hparams(method: str) -> dict:
+    """AdamW for every method, NAdam (its only optimizer) for AsyncPP."""
+    return dict(HP, optimizer="nadam", beta1_target=0.99) if method == "asyncpp" else HP
 
 
 def make_model() -> nn.Sequential:
@@ -48,7 +53,8 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         comm = PipelineComm.from_env(60.0)
         results = {}
         for method in METHODS:
-            engine = build_pipeline(make_model(), F.cross_entropy, comm=comm, method=method, assignment="2,2", **HP)
+            engine = build_pipeline(make_model(), F.cross_entropy, comm=comm, method=method, assignment="2,2",
+                                    **hparams(method))
             stats = engine.run(make_batches(), N)
             results[method] = {"params": {slot.index: [p.detach().clone() for p in slot.params] for slot in engine.slots},
                                "losses": stats.losses}
@@ -85,7 +91,7 @@ def test_distributed_engine_equals_simulator_with_adamw(tmp_path: Path) -> None:
     assert [p.exitcode for p in procs] == [0, 0], errors
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for method in METHODS:
-        sim = pipeprop.build_simulator(make_model(), F.cross_entropy, method=method, **HP)
+        sim = pipeprop.build_simulator(make_model(), F.cross_entropy, method=method, **hparams(method))
         assert isinstance(sim.optimizer, pipeprop.PipelineAdam)
         want_losses = [sim.step(x, y) for x, y in make_batches()]
         want = [[p.detach() for p in st.parameters()] for st in sim.stages]

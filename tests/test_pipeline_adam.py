@@ -351,3 +351,16 @@ def test_cli_lists_the_optimizer_choice():
     out = CliRunner().invoke(main, ["methods"])
     assert out.exit_code == 0 and "sgd, adam, adamw, nadam" in out.output and "asyncpp" in out.output
     assert "--optimizer [sgd|adam|adamw|nadam]" in CliRunner().invoke(main, ["train", "--help"]).output
+
+
+def test_runner_asyncpp_keeps_its_beta1_and_needs_nadam(tmp_path):
+    from pipeprop.experiments import ExperimentConfig, Runner
+
+    kw = dict(name="tiny-asyncpp", model="mlp", model_options={"hidden": 16}, dataset="digits", method="asyncpp",
+              batch_size=1, lr=1e-3, samples=20, test_subset=50, progress=False)
+    runner = Runner(ExperimentConfig(optimizer="nadam", **kw), tmp_path / "a").setup()
+    assert runner.sim.weight_mode == "stash" and runner.sim.optimizer.param_groups[0]["betas"] == (0.99, 0.999)
+    runner = Runner(ExperimentConfig(optimizer="nadam", betas="0.95,0.999", **kw), tmp_path / "b").setup()
+    assert runner.sim.optimizer.param_groups[0]["betas"] == (0.95, 0.999)
+    with pytest.raises(ValueError, match="nadam only"):
+        Runner(ExperimentConfig(**kw), tmp_path / "c").setup()

@@ -67,7 +67,7 @@ class ExperimentConfig:
     optimizer: str = "sgd"  # "sgd" | "adam" | "adamw" | "nadam" (independent of the method)
     lr: float = 0.1
     momentum: float = 0.9  # sgd only
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam family only
+    betas: Optional[list[float]] = None  # adam family only; None: the method's (asyncpp: 0.99, 0.999) or (0.9, 0.999)
     eps: float = 1e-8  # adam family only
     weight_decay: float = 0.0
     rule: str = "momentum"
@@ -110,7 +110,10 @@ class ExperimentConfig:
         from ..methods import normalize_optimizer
 
         self.optimizer = normalize_optimizer(self.optimizer)
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
+        if isinstance(self.betas, str):  # "0.9,0.99" from the command line
+            self.betas = [float(b) for b in self.betas.split(",") if b.strip()]
+        need(self.betas is None or (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
+             f"betas must be two numbers in [0, 1), got {self.betas}")
         need(self.eps >= 0, f"eps must be >= 0, got {self.eps}")
         need(self.schedule in ("step", "cosine", "constant"), f"schedule must be step, cosine or constant, got {self.schedule!r}")
         need(self.epochs > 0 or (self.samples or 0) > 0, "set epochs > 0 or samples > 0")
@@ -138,7 +141,7 @@ class ExperimentConfig:
             lr=self.lr,
             momentum=self.momentum,
             optimizer=self.optimizer,
-            betas=(float(self.betas[0]), float(self.betas[1])),
+            betas=self._reference_betas(),
             eps=self.eps,
             weight_decay=self.weight_decay,
             epochs=self.total_samples(train_size) / train_size,
@@ -151,6 +154,14 @@ class ExperimentConfig:
         out = scale_recipe(recipe, self.micro_batch, self.rule)
         out.total_samples = self.total_samples(train_size)
         return out
+
+    def _reference_betas(self) -> tuple[float, float]:
+        if self.betas is not None:
+            return float(self.betas[0]), float(self.betas[1])
+        from ..methods import get_method
+
+        b1, b2 = get_method(self.method).options.get("betas", (0.9, 0.999))
+        return float(b1), float(b2)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
