@@ -40,8 +40,11 @@ def build_simulator(
     loss_fn: Optional[Callable[[Any, Any], Tensor]],
     *,
     method: str = "pb+sc+lwp",
+    optimizer: Optional[str] = None,
     lr: float,
-    momentum: float = 0.0,
+    momentum: Optional[float] = None,
+    betas: Optional[Sequence[float]] = None,
+    eps: Optional[float] = None,
     weight_decay: float = 0.0,
     partition: Granularity = "layer",
     delay_offset: int = 0,
@@ -58,7 +61,9 @@ def build_simulator(
     micro-batch). ``loss_fn=None``: the model computes its own loss; give ``example_target`` (one target)
     so the capture includes it. ``precision``: ``"32"``, ``"64"``, ``"bf16-mixed"`` or ``"16-mixed"``
     (:mod:`pipeprop.precision`). ``compile``: run the stages through ``torch.compile`` (``True`` or a
-    backend name). Extra ``options`` go to the method's optimizer (e.g. ``lwp_horizon=4``).
+    backend name). ``optimizer`` is ``"sgd"`` (the default for every method but ``asyncpp``; with
+    ``momentum``) or ``"adam"``, ``"adamw"``, ``"nadam"`` (with ``betas``, default ``(0.9, 0.999)``, and
+    ``eps``, default ``1e-8``). Extra ``options`` go to the method's optimizer (e.g. ``lwp_horizon=4``).
     """
     spec = get_method(method)
     precision = check_precision(precision)
@@ -78,11 +83,11 @@ def build_simulator(
             example_target=example_target if loss_fn is None else None, split_points=split_points,
         )
     delays = part.delays if spec.pipelined else [0] * len(part)
-    kwargs = {**spec.options, **options}
-    optimizer = spec.optimizer(stage_param_groups(part.stages, delays), lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
-    return PipelineSimulator(
-        part.stages, optimizer, loss_fn, weight_mode=spec.weight_mode, precision=precision, compile=compile
+    opt = spec.build_optimizer(
+        stage_param_groups(part.stages, delays), optimizer=optimizer, lr=lr, momentum=momentum, betas=betas, eps=eps,
+        weight_decay=weight_decay, **options,
     )
+    return PipelineSimulator(part.stages, opt, loss_fn, weight_mode=spec.weight_mode, precision=precision, compile=compile)
 
 
 def _to_float64(x: Any) -> Any:
@@ -98,8 +103,11 @@ def train(
     loss_fn: Optional[Callable[[Any, Any], Tensor]],
     *,
     method: str = "pb+sc+lwp",
+    optimizer: Optional[str] = None,
     lr: float,
-    momentum: float = 0.0,
+    momentum: Optional[float] = None,
+    betas: Optional[Sequence[float]] = None,
+    eps: Optional[float] = None,
     weight_decay: float = 0.0,
     partition: Granularity = "layer",
     delay_offset: int = 0,
@@ -112,8 +120,9 @@ def train(
 
     One ``(x, y)`` micro-batch from ``batches`` enters the pipeline per step (its size is the micro-batch
     size, 1 for the paper's setting). ``method`` is one of :func:`pipeprop.available_methods`, e.g.
-    ``"sgd"``, ``"pb"``, ``"pb+sc"``, ``"pb+lwp"``, ``"pb+sc+lwp"``, ``"pb+stash"``. When it returns, every
-    micro-batch's update has been applied.
+    ``"sgd"``, ``"pb"``, ``"pb+sc"``, ``"pb+lwp"``, ``"pb+sc+lwp"``, ``"pb+stash"``; ``optimizer`` is one of
+    ``"sgd"`` (heavy-ball momentum ``momentum``), ``"adam"``, ``"adamw"``, ``"nadam"`` (``betas``, ``eps``),
+    independent of the method. When it returns, every micro-batch's update has been applied.
 
     ``model`` may be any ``nn.Module`` whose forward ``torch.export`` can capture; it is captured on the
     first micro-batch (all micro-batches must have its shape). With ``loss_fn=None`` the model computes its
@@ -127,8 +136,8 @@ def train(
     if first is None:
         return []
     sim = build_simulator(
-        model, loss_fn, method=method, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        partition=partition, delay_offset=delay_offset, precision=precision, example_input=first[0],
-        example_target=first[1], split_points=split_points, compile=compile, **options,
+        model, loss_fn, method=method, optimizer=optimizer, lr=lr, momentum=momentum, betas=betas, eps=eps,
+        weight_decay=weight_decay, partition=partition, delay_offset=delay_offset, precision=precision,
+        example_input=first[0], example_target=first[1], split_points=split_points, compile=compile, **options,
     )
     return [sim.step(x, y) for x, y in itertools.chain([first], batches)]

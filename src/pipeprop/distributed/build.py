@@ -74,7 +74,7 @@ def build_pipeline(
         # methods that look at the whole pipeline (SpecTrain) must see its largest delay, not this rank's
         for g in groups:
             g["pipeline_max_delay"] = max(part.delays)
-    optimizer = spec.optimizer(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **{**spec.options, **options})
+    optimizer = spec.build_optimizer(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **options)
     if lr_schedule is not None:
         optimizer.set_lr_schedule(lr_schedule)
     return DistributedPipeline(

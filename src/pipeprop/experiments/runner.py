@@ -113,12 +113,12 @@ class Runner:
             self.loss_fn,
             method=cfg.method,
             lr=self.recipe.lr,
-            momentum=self.recipe.momentum,
             weight_decay=self.recipe.weight_decay,
+            **self.recipe.optimizer_kwargs(),
             partition=cfg.partition,
             delay_offset=cfg.delay_offset,
             precision=cfg.precision,
-            **optimizer_options(cfg, build_simulator),
+            **optimizer_options(cfg),
         )
         self.sim.optimizer.set_lr_schedule(build_lr_schedule(self.recipe))
         self.total_steps = self.recipe.total_samples // cfg.micro_batch
