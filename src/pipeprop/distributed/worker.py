@@ -81,17 +81,18 @@ def prepare(cfg: ExperimentConfig, world_size: int) -> Setup:
     data = build_dataset(cfg)
     recipe = cfg.scaled(len(data.train))
     model = build_model(cfg, data)
-    part = partition(model, cfg.partition)
+    dtype = getattr(torch, cfg.dtype)
+    b = cfg.micro_batch
+    if len(data.train) < b:
+        raise ValueError(f"micro_batch {b} is larger than the training set ({len(data.train)} examples)")
+    sample = data.normalize(data.train.images[:b], dtype)  # one micro-batch: captures a non-Sequential model
+    part = partition(model, cfg.partition, example_input=sample)
     if world_size > len(part):
         raise ValueError(
             f"{world_size} processes but the model has only {len(part)} pipeline stages (partition "
             f"{cfg.partition!r}): use --nproc <= {len(part)} or a finer partition"
         )
-    dtype = getattr(torch, cfg.dtype)
-    b = cfg.micro_batch
-    if len(data.train) < b:
-        raise ValueError(f"micro_batch {b} is larger than the training set ({len(data.train)} examples)")
-    ranges = assign_stages(part.stages, world_size, cfg.assignment, data.normalize(data.train.images[:b], dtype))
+    ranges = assign_stages(part.stages, world_size, cfg.assignment, sample)
     return Setup(cfg, data, recipe, model, part, ranges, backend, recipe.total_samples // b, dtype)
 
 

@@ -118,6 +118,7 @@ class Runner:
             partition=cfg.partition,
             delay_offset=cfg.delay_offset,
             precision=cfg.precision,
+            example_input=self.data.normalize(self.data.train.images[: cfg.micro_batch], self.dtype).to(self.device),
             **optimizer_options(cfg),
         )
         self.sim.optimizer.set_lr_schedule(build_lr_schedule(self.recipe))
