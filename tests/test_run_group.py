@@ -124,3 +124,16 @@ def test_runs_that_cannot_be_batched_run_one_by_one_with_a_notice(tmp_path: Path
     run_sweep(cfg.replace(methods=["pb+ab"]), tmp_path / "ab", batch_runs=2,
               echo=lines.append)
     assert sum(line.startswith("notice:") and "stacked runs" in line for line in lines) == 1
+
+
+def test_a_diverging_run_stops_alone_and_leaves_the_others_untouched(tmp_path: Path) -> None:
+    configs = [tiny(method="pb", seed=0, lr=0.1), tiny(method="pb", seed=1, lr=1e6)]
+    dirs = [tmp_path / "g0", tmp_path / "g1"]
+    summaries = RunGroup(configs, dirs).setup().run()
+    alone = [run_experiment(c, tmp_path / f"a{k}") for k, c in enumerate(configs)]
+    assert [s["status"] for s in summaries] == [s["status"] for s in alone] == ["completed", "diverged"]
+    assert summaries[1]["diverged_at"] == alone[1]["diverged_at"]
+    a, b = final_state(dirs[0]), final_state(tmp_path / "a0")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-9)
+    assert_close_metrics(metrics(dirs[0]), metrics(tmp_path / "a0"))

@@ -80,10 +80,15 @@ def run_sweep(
     # batches: runs of one group key and the same start (fresh / resumed from a group checkpoint), <= k_max each
     batches: list[list[tuple[int, bool, bool]]] = []
     open_batches: dict[tuple[str, bool, bool], list[tuple[int, bool, bool]]] = {}
+    noticed: set[str] = set()
     for item in todo:
         i, resume, batched = item
         cfg = plan[i][2]
-        if (resume and not batched) or why_not_batched(cfg) or (k_max == 1 and not batched):
+        reason = why_not_batched(cfg)
+        if reason and k_max > 1 and group_key(cfg) not in noticed:
+            noticed.add(group_key(cfg))
+            echo(f"notice: {plan[i][0]} runs cannot be batched ({reason}); running them one by one")
+        if (resume and not batched) or reason or (k_max == 1 and not batched):
             batches.append([item])
             continue
         key = (group_key(cfg), resume, batched)
