@@ -115,7 +115,7 @@ def run_sweep(
                 echo(f"notice: {names} cannot be batched ({err}); running them one by one")
             else:
                 echo(f"[{', '.join(str(i + 1) for i in idx)}/{len(plan)}] {names}: {len(idx)} runs batched"
-                     f"{' (resuming)' if resume else ''} -> {plan[idx[0]][3].parent.parent}")
+                     f"{' (resuming)' if resume else ''} -> {plan[idx[0]][3].parent}/")
                 results = group.run(resume=resume, overwrite=overwrite, show_progress=show_progress)
                 for i, summary in zip(idx, results):
                     summaries[i] = summary
