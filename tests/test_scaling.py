@@ -80,3 +80,39 @@ def test_epochs_without_dataset_size_is_an_error() -> None:
     with pytest.raises(ValueError, match="dataset_size"):
         scale_recipe(Recipe(batch_size=128, lr=0.1, epochs=10), 1)
     assert math.isclose(scale_recipe(Recipe(batch_size=8, lr=0.1), 1).lr, 0.0125)
+
+
+# ---------------------------------------------------------------------------------------------- Adam: square-root rule
+def test_square_root_rule_hand_numbers() -> None:
+    from pipeprop.scaling import scale_adam_hparams
+
+    lr, (b1, b2), eps = scale_adam_hparams(4e-3, (0.9, 0.99), 1e-8, 16, 4)  # κ = 1/4
+    assert lr == pytest.approx(2e-3)
+    assert 1 - b1 == pytest.approx(0.025) and 1 - b2 == pytest.approx(0.0025)
+    assert eps == pytest.approx(2e-8)
+    assert scale_adam_hparams(4e-3, (0.9, 0.99), 1e-8, 16, 4, scale_eps=False)[2] == 1e-8
+    assert scale_adam_hparams(1e-3, (0.9, 0.999), 1e-8, 8, 8) == (1e-3, (0.9, 0.999), 1e-8)
+    with pytest.raises(ValueError, match="1 - beta"):
+        scale_adam_hparams(1e-3, (0.5, 0.999), 1e-8, 1, 4)  # 1 − β1 would be 2
+
+
+def test_recipe_with_adamw_uses_the_square_root_rule() -> None:
+    out = scale_recipe(Recipe(batch_size=64, lr=1e-3, optimizer="adamw", betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
+                              steps=100), 1)
+    assert out.rule == "sqrt" and out.optimizer == "adamw"
+    assert out.lr == pytest.approx(1e-3 / 8)
+    assert out.betas == pytest.approx((1 - 0.1 / 64, 1 - 0.01 / 64))
+    assert out.weight_decay == 0.1 and out.total_samples == 6400
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        scale_recipe(Recipe(batch_size=64, lr=1e-3, optimizer="lamb"), 1)
+
+
+def test_scale_cli_adamw() -> None:
+    from click.testing import CliRunner
+
+    from pipeprop.cli import main
+
+    res = CliRunner().invoke(main, ["scale", "--optimizer", "adamw", "--from-batch", "64", "--lr", "1e-3", "--betas",
+                                    "0.9,0.99", "--to-batch", "1"])
+    assert res.exit_code == 0, res.output
+    assert "0.000125" in res.output and "0.9984375" in res.output and "sqrt" in res.output

@@ -2,72 +2,142 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import Tensor, nn
 
 from .methods import get_method
 from .partition import Granularity, Partition, partition as make_partition
+from .precision import check_precision, prepare_model
 from .simulator import PipelineSimulator
 
 __all__ = ["stage_param_groups", "build_simulator", "train"]
 
 
 def stage_param_groups(stages: Sequence[nn.Module], delays: Optional[Sequence[int]] = None) -> list[dict[str, Any]]:
-    """One optimizer parameter group per stage, with its ``"delay"`` (default: each stage's ``.delay``)."""
+    """One optimizer parameter group per stage, with its ``"delay"`` (default: each stage's ``.delay``).
+
+    A parameter read by several stages (tied weights) goes into the group of the first stage reading it,
+    which updates it once per step with its delay (for Spike Compensation); later readers see it with
+    their own delay (see :class:`~pipeprop.simulator.PipelineSimulator`).
+    """
     if delays is None:
         delays = [int(getattr(st, "delay", 0)) for st in stages]
     if len(delays) != len(stages):
         raise ValueError(f"{len(delays)} delays given for {len(stages)} stages")
-    return [{"params": list(st.parameters()), "delay": int(d)} for st, d in zip(stages, delays)]
+    seen: set[int] = set()
+    groups = []
+    for st, d in zip(stages, delays):
+        params = [p for p in st.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        groups.append({"params": params, "delay": int(d)})
+    return groups
 
 
 def build_simulator(
     model: nn.Module | Partition,
-    loss_fn: Callable[[Any, Any], Tensor],
+    loss_fn: Optional[Callable[[Any, Any], Tensor]],
     *,
     method: str = "pb+sc+lwp",
+    optimizer: Optional[str] = None,
     lr: float,
-    momentum: float = 0.0,
+    momentum: Optional[float] = None,
+    betas: Optional[Sequence[float]] = None,
+    eps: Optional[float] = None,
     weight_decay: float = 0.0,
     partition: Granularity = "layer",
     delay_offset: int = 0,
+    precision: str = "32",
+    example_input: Any = None,
+    example_target: Any = None,
+    split_points: Optional[Sequence[str]] = None,
+    compile: bool | str = False,
     **options: Any,
 ) -> PipelineSimulator:
     """Partition ``model`` (unless it already is a :class:`Partition`) and build its simulator for ``method``.
 
-    Extra ``options`` go to the method's optimizer (e.g. ``lwp_horizon=4``, ``nesterov=True``).
+    A model that is not an ``nn.Sequential`` of layers is captured as a graph on ``example_input`` (one
+    micro-batch). ``loss_fn=None``: the model computes its own loss; give ``example_target`` (one target)
+    so the capture includes it. ``precision``: ``"32"``, ``"64"``, ``"bf16-mixed"`` or ``"16-mixed"``
+    (:mod:`pipeprop.precision`). ``compile``: run the stages through ``torch.compile`` (``True`` or a
+    backend name). ``optimizer`` is ``"sgd"`` (the default for every method but ``asyncpp``; with
+    ``momentum``) or ``"adam"``, ``"adamw"``, ``"nadam"`` (with ``betas``, default ``(0.9, 0.999)``, and
+    ``eps``, default ``1e-8``). Extra ``options`` go to the method's optimizer (e.g. ``lwp_horizon=4``).
     """
     spec = get_method(method)
-    part = model if isinstance(model, Partition) else make_partition(model, partition, delay_offset=delay_offset)
+    precision = check_precision(precision)
+    if isinstance(model, Partition):
+        part = model
+    else:
+        prepare_model(model, precision)
+        if precision == "64":
+            example_input = _to_float64(example_input)
+        if loss_fn is None and example_target is None:
+            raise ValueError(
+                "loss_fn=None (the model computes its own loss) needs example_target=<one target> to capture the "
+                "model with it; pipeprop.train takes it from the first batch"
+            )
+        part = make_partition(
+            model, partition, delay_offset=delay_offset, example_input=example_input,
+            example_target=example_target if loss_fn is None else None, split_points=split_points,
+        )
     delays = part.delays if spec.pipelined else [0] * len(part)
-    kwargs = {**spec.options, **options}
-    optimizer = spec.optimizer(stage_param_groups(part.stages, delays), lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
-    return PipelineSimulator(part.stages, optimizer, loss_fn, weight_mode=spec.weight_mode)
+    opt = spec.build_optimizer(
+        stage_param_groups(part.stages, delays), optimizer=optimizer, lr=lr, momentum=momentum, betas=betas, eps=eps,
+        weight_decay=weight_decay, **options,
+    )
+    return PipelineSimulator(part.stages, opt, loss_fn, weight_mode=spec.weight_mode, precision=precision, compile=compile)
+
+
+def _to_float64(x: Any) -> Any:
+    from .precision import cast_input
+    import torch
+
+    return cast_input(x, torch.float64)
 
 
 def train(
     model: nn.Module,
     batches: Iterable[tuple[Any, Any]],
-    loss_fn: Callable[[Any, Any], Tensor],
+    loss_fn: Optional[Callable[[Any, Any], Tensor]],
     *,
     method: str = "pb+sc+lwp",
+    optimizer: Optional[str] = None,
     lr: float,
-    momentum: float = 0.0,
+    momentum: Optional[float] = None,
+    betas: Optional[Sequence[float]] = None,
+    eps: Optional[float] = None,
     weight_decay: float = 0.0,
     partition: Granularity = "layer",
     delay_offset: int = 0,
+    precision: str = "32",
+    split_points: Optional[Sequence[str]] = None,
+    compile: bool | str = False,
     **options: Any,
 ) -> list[float]:
     """Train ``model`` in place with Pipelined Backpropagation; returns the loss of every step.
 
     One ``(x, y)`` micro-batch from ``batches`` enters the pipeline per step (its size is the micro-batch
     size, 1 for the paper's setting). ``method`` is one of :func:`pipeprop.available_methods`, e.g.
-    ``"sgd"``, ``"pb"``, ``"pb+sc"``, ``"pb+lwp"``, ``"pb+sc+lwp"``, ``"pb+stash"``. When it returns, every
-    micro-batch's update has been applied.
+    ``"sgd"``, ``"pb"``, ``"pb+sc"``, ``"pb+lwp"``, ``"pb+sc+lwp"``, ``"pb+stash"``; ``optimizer`` is one of
+    ``"sgd"`` (heavy-ball momentum ``momentum``), ``"adam"``, ``"adamw"``, ``"nadam"`` (``betas``, ``eps``),
+    independent of the method. When it returns, every micro-batch's update has been applied.
+
+    ``model`` may be any ``nn.Module`` whose forward ``torch.export`` can capture; it is captured on the
+    first micro-batch (all micro-batches must have its shape). With ``loss_fn=None`` the model computes its
+    own loss: the target is passed to it (as ``labels=`` when its forward takes that, else as the second
+    argument) and it returns the loss (a scalar, a tuple ending with it, or an object with ``.loss``).
     """
+    get_method(method)  # bad names fail before any data is read
+    check_precision(precision)
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return []
     sim = build_simulator(
-        model, loss_fn, method=method, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        partition=partition, delay_offset=delay_offset, **options,
+        model, loss_fn, method=method, optimizer=optimizer, lr=lr, momentum=momentum, betas=betas, eps=eps,
+        weight_decay=weight_decay, partition=partition, delay_offset=delay_offset, precision=precision,
+        example_input=first[0], example_target=first[1], split_points=split_points, compile=compile, **options,
     )
-    return [sim.step(x, y) for x, y in batches]
+    return [sim.step(x, y) for x, y in itertools.chain([first], batches)]

@@ -1,4 +1,9 @@
-"""Split an ``nn.Sequential`` model into pipeline stages.
+"""Split a model into pipeline stages.
+
+An ``nn.Sequential`` of layers is split by its modules, as below. Any other ``nn.Module`` (and an
+``nn.Sequential`` wrapping a module that holds several layers) has its forward captured as a graph and
+the graph cut into stages (:mod:`pipeprop.graph_capture`; needs ``example_input``), with the same
+granularities read from the modules that run each graph node, plus explicit ``split_points``.
 
 Granularities:
 
@@ -11,16 +16,19 @@ Granularities:
   stage holds as few parameters as possible.
 
 Nested ``nn.Sequential`` containers are flattened for ``"layer"`` and ``int``. The stages *share* the
-model's modules, so training the stages trains the model in place.
+model's modules, so training the stages trains the model in place. A parameter read by several stages
+(tied weights) is one parameter; the first stage reading it owns its update (see
+:func:`pipeprop.stage_param_groups`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from torch import nn
 
+from . import graph_capture as gc
 from .schedule import stage_delays
 
 __all__ = ["Stage", "Partition", "partition", "flatten_sequential", "starts_stage", "Granularity"]
@@ -62,11 +70,14 @@ def flatten_sequential(model: nn.Module) -> list[nn.Module]:
 class Stage(nn.Sequential):
     """One pipeline stage: an ``nn.Sequential`` of the model's own modules plus its index and delay."""
 
-    def __init__(self, modules: Sequence[nn.Module], index: int, delay: int, names: Sequence[str] = ()) -> None:
+    def __init__(
+        self, modules: Sequence[nn.Module], index: int, delay: int, names: Sequence[str] = (), nodes: Sequence[str] = ()
+    ) -> None:
         super().__init__(*modules)
         self.index = index
         self.delay = delay
         self.names = list(names) or [type(m).__name__ for m in modules]
+        self.nodes = list(nodes)  # graph nodes of a captured model's stage
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -82,6 +93,8 @@ class Partition:
     stages: list[Stage]
     granularity: Granularity
     delay_offset: int = 0
+    #: whether the stages were cut from a captured graph (:mod:`pipeprop.graph_capture`)
+    captured: bool = False
 
     def __len__(self) -> int:
         return len(self.stages)
@@ -97,8 +110,21 @@ class Partition:
         return [st.delay for st in self.stages]
 
     def parameters(self) -> Iterable[nn.Parameter]:
+        """Every parameter once (a parameter shared by several stages is yielded for the first)."""
+        seen: set[int] = set()
         for st in self.stages:
-            yield from st.parameters()
+            for p in st.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def shared_parameters(self) -> list[tuple[nn.Parameter, list[int]]]:
+        """Parameters read by more than one stage, with the stages that read them."""
+        readers: dict[int, tuple[nn.Parameter, list[int]]] = {}
+        for st in self.stages:
+            for p in st.parameters():
+                readers.setdefault(id(p), (p, []))[1].append(st.index)
+        return [(p, ss) for p, ss in readers.values() if len(ss) > 1]
 
     def weight_version_elements(self) -> int:
         """Elements held for stale weight versions in PB: ``sum_s D_s * |W_s|``."""
@@ -114,12 +140,16 @@ class Partition:
         """A readable table: stage, delay, #params, modules."""
         rows = [("stage", "delay", "params", "modules")]
         for st in self.stages:
-            rows.append((str(st.index), str(st.delay), f"{st.num_parameters():,}", " > ".join(st.names)))
+            what = " > ".join(st.names)
+            if st.nodes:
+                shown = ", ".join(st.nodes[:8]) + (f", ... ({len(st.nodes)} nodes)" if len(st.nodes) > 8 else "")
+                what = f"{what or '(no module)'}  [nodes: {shown}]"
+            rows.append((str(st.index), str(st.delay), f"{st.num_parameters():,}", what))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [
             f"{r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows
         ]
-        total = sum(st.num_parameters() for st in self.stages)
+        total = sum(p.numel() for p in self.parameters())
         mib = self.weight_version_bytes() / 2**20
         lines.append(
             f"{len(self.stages)} stages ({self.granularity!r}), {total:,} parameters, "
@@ -176,26 +206,48 @@ def _balanced_cuts(costs: Sequence[int], num_stages: int) -> list[int]:
     return starts[::-1]
 
 
-def partition(model: nn.Module, granularity: Granularity = "layer", *, delay_offset: int = 0) -> Partition:
+def _holds_several_layers(module: nn.Module) -> bool:
+    """A non-Sequential module with two or more layers inside (it must be split through its graph)."""
+    return not isinstance(module, nn.Sequential) and sum(1 for m in module.modules() if gc._is_layer(m)) > 1
+
+
+def partition(
+    model: nn.Module,
+    granularity: Granularity = "layer",
+    *,
+    delay_offset: int = 0,
+    example_input: Any = None,
+    example_target: Any = None,
+    split_points: Optional[Sequence[str]] = None,
+) -> Partition:
     """Split ``model`` into pipeline stages with PB delays.
 
     Args:
-        model: an ``nn.Sequential`` (nested Sequentials allowed), or a list of modules taken as the stages.
+        model: any ``nn.Module`` whose forward ``torch.export`` can capture (an ``nn.Sequential`` of layers is
+            split by its modules without capture), or a list of modules taken as the stages.
         granularity: ``"layer"``, ``"block"`` or a number of balanced stages.
         delay_offset: extra delay added to every stage (see :mod:`pipeprop.schedule`).
+        example_input: one micro-batch (a tensor, or a tuple of the forward's positional arguments), needed to
+            capture a model that is not an ``nn.Sequential`` of layers.
+        example_target: for a model that computes its own loss (``loss_fn=None``): the target passed with the
+            example input (as ``labels=`` when the forward takes it, else as the second argument).
+        split_points: module names (e.g. ``["layer2", "layer3.1"]``) at which new stages begin; overrides
+            ``granularity``. Captures the graph.
     """
+    captured = (
+        split_points is not None
+        or example_target is not None
+        or (isinstance(model, nn.Module) and not isinstance(model, nn.Sequential))
+        or (isinstance(model, nn.Sequential) and any(_holds_several_layers(m) for m in flatten_sequential(model)))
+    )
     if isinstance(model, (list, tuple)):
         groups = [[m] for m in model]
         granularity = "explicit"
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"partition() needs an nn.Module, got {type(model).__name__}")
+    elif captured:
+        return _partition_graph(model, granularity, delay_offset, example_input, example_target, split_points)
     else:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"partition() needs an nn.Module, got {type(model).__name__}")
-        if not isinstance(model, nn.Sequential):
-            raise TypeError(
-                f"cannot partition {type(model).__name__}: pipeprop splits nn.Sequential models into stages. "
-                "Write the model as nn.Sequential (residual blocks can carry the skip in a tuple, as "
-                "pipeprop.models does) or pass a list of modules, one per stage."
-            )
         if granularity == "block":
             groups = [[child] for child in model]
         elif granularity == "layer" or isinstance(granularity, int):
@@ -222,8 +274,61 @@ def partition(model: nn.Module, granularity: Granularity = "layer", *, delay_off
         raise ValueError("cannot partition an empty model")
     delays = stage_delays(len(groups), delay_offset)
     stages = [Stage(g, i, d) for i, (g, d) in enumerate(zip(groups, delays))]
-    params = [p for st in stages for p in st.parameters()]
-    if len({id(p) for p in params}) != len(params):
-        raise ValueError("a parameter is shared by two stages; pipeline stages must own disjoint parameters")
     return Partition(stages, granularity, delay_offset)
+
+
+def _partition_graph(
+    model: nn.Module,
+    granularity: Granularity,
+    delay_offset: int,
+    example_input: Any,
+    example_target: Any,
+    split_points: Optional[Sequence[str]],
+) -> Partition:
+    cap = gc.capture(model, example_input, example_target)
+    if split_points is not None:
+        stage_of = gc.stages_from_split_points(cap, list(split_points))
+        granularity = "split_points"
+    elif granularity == "block":
+        stage_of = gc.stages_from_units(gc.block_units(cap))
+    elif granularity == "layer" or (isinstance(granularity, int) and not isinstance(granularity, bool)):
+        stage_of = gc.stages_from_units(gc.layer_units(cap))
+        if not isinstance(granularity, str):
+            stage_of = _balance(cap, stage_of, granularity)
+    else:
+        raise ValueError(
+            f"unknown partition granularity {granularity!r}: use 'layer', 'block' or a number of stages"
+        )
+    pieces = gc.split(cap, stage_of)
+    delays = stage_delays(len(pieces), delay_offset)
+    stages = [
+        Stage([module], i, d, names=names or [f"stage{i}"], nodes=nodes)
+        for i, ((module, names, nodes), d) in enumerate(zip(pieces, delays))
+    ]
+    return Partition(stages, granularity, delay_offset, captured=True)
+
+
+def _balance(cap: "gc.CapturedModel", layer_stage_of: list[int], num_stages: int) -> list[int]:
+    """Group ``"layer"`` stages into ``num_stages`` balanced contiguous stages (parameters counted once)."""
+    n_layers = max(layer_stage_of) + 1 if layer_stage_of else 0
+    seen: set[int] = set()
+    costs = [0] * n_layers
+    for node, s in zip(cap.nodes, layer_stage_of):
+        for a in node.all_input_nodes:
+            p = cap.params.get(a.name)
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                costs[s] += p.numel()
+    if num_stages < 1 or num_stages > n_layers or not any(costs):
+        raise ValueError(
+            f"cannot split the model into {num_stages} stages: it has {n_layers} parametrized layers, so choose "
+            f"a stage count between 1 and {n_layers} (or partition='layer')."
+        )
+    starts = _balanced_cuts(costs, num_stages)
+    layer_to_stage = {}
+    bounds = starts + [n_layers]
+    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for layer in range(a, b):
+            layer_to_stage[layer] = k
+    return [layer_to_stage[s] for s in layer_stage_of]
 

@@ -19,14 +19,16 @@ With all delays 0 this is plain SGD.
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
-from typing import Any, Callable, Optional, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from .graph_capture import GraphStage, loss_from_output, model_inputs
 from .optim.base import PipelineOptimizer, group_params
-from .weight_swap import rebound_saved_weights, swapped_weights
+from .precision import LossScaler, autocast, cast_input, check_precision
+from .weight_swap import DerivedWeightTracker, SavedWeightRebinder, check_ctx_weights, swapped_weights
 
 __all__ = ["PipelineSimulator", "DivergenceError", "WEIGHT_MODES"]
 
@@ -70,7 +72,14 @@ class _WeightRing:
 
     def push(self, version: int, optimizer: PipelineOptimizer, group: dict[str, Any]) -> None:
         if self.by_reference:  # a ring of live weights (forward_weights(group) would return the parameters)
-            self.slots[version % (self.delay + 1)] = [p.detach() for p in group["params"]]
+            params = group["params"]
+            prev = self.slots[(version - 1) % (self.delay + 1)] if version > 0 else []
+            for p, q in zip(params, prev):
+                if p.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+                    # not updated by the last step (no gradient, a skipped fp16 step): the live weight moves to a
+                    # copy, so that no two slots share storage (the update that retires a slot writes into it)
+                    p.data = p.data.clone()
+            self.slots[version % (self.delay + 1)] = [p.detach() for p in params]
         else:
             optimizer.forward_weights(group, out=self.slot(version))
 
@@ -106,6 +115,33 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
+def _stage_reads(stages: Sequence[nn.Module], optimizer: PipelineOptimizer) -> list[list[tuple[Tensor, int, int]]]:
+    """Per stage, ``(parameter, owning group, index in that group)`` for every parameter the stage reads.
+
+    Each parameter is owned (updated) by exactly one optimizer group; a stage may read parameters owned by
+    another stage (tied weights).
+    """
+    owner: dict[int, tuple[int, int]] = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            owner[id(p)] = (g, i)
+    reads = []
+    for s, stage in enumerate(stages):
+        stage_params = list(stage.parameters())
+        ids = {id(p) for p in stage_params}
+        stray = [p for p in optimizer.param_groups[s]["params"] if id(p) not in ids]
+        if stray:
+            raise ValueError(f"optimizer parameter group {s} holds parameters that stage {s} does not read")
+        missing = [p for p in stage_params if id(p) not in owner]
+        if missing:
+            raise ValueError(
+                f"stage {s} reads a parameter that no optimizer group holds; build the groups with "
+                "pipeprop.stage_param_groups(stages)"
+            )
+        reads.append([(p, *owner[id(p)]) for p in stage_params])
+    return reads
+
+
 class PipelineSimulator:
     """Trains pipeline stages with asynchronous PB semantics, one micro-batch per :meth:`step`.
 
@@ -114,19 +150,30 @@ class PipelineSimulator:
             of stage ``s`` is the input of stage ``s + 1``.
         optimizer: a :class:`~pipeprop.optim.PipelineOptimizer` whose ``param_groups[s]`` holds exactly the
             parameters of stage ``s`` and its delay ``"delay"``.
-        loss_fn: ``loss_fn(output, target) -> scalar tensor``.
+        loss_fn: ``loss_fn(output, target) -> scalar tensor``; ``None`` for a model that computes its own loss
+            (partitioned with ``example_target``): the target is passed to the model, which returns the loss.
         weight_mode: ``"pb"`` (backward through live weights) or ``"stash"`` (weight stashing).
         check_finite: raise :class:`DivergenceError` on a NaN/inf loss.
+        precision: ``"32"``, ``"64"``, ``"bf16-mixed"`` or ``"16-mixed"`` (:mod:`pipeprop.precision`).
+        compile: run each stage through ``torch.compile`` (``True``, or a backend name such as
+            ``"aot_eager"``). The first step runs eagerly to find stages whose backward needs weight-derived
+            tensors replayed (e.g. under autocast); those stay eager, since a compiled graph hides them.
+
+    A parameter read by several stages (tied weights) is updated once per step by the optimizer group that
+    holds it; every stage reading it sees, in its forward, the version for its own delay (its own
+    prediction under LWP), and every backward sees the live parameter.
     """
 
     def __init__(
         self,
         stages: Sequence[nn.Module],
         optimizer: PipelineOptimizer,
-        loss_fn: LossFn,
+        loss_fn: Optional[LossFn],
         *,
         weight_mode: str = "pb",
         check_finite: bool = True,
+        precision: str = "32",
+        compile: Union[bool, str] = False,
     ) -> None:
         if weight_mode not in WEIGHT_MODES:
             raise ValueError(f"unknown weight_mode {weight_mode!r}; choose one of {WEIGHT_MODES}")
@@ -138,16 +185,28 @@ class PipelineSimulator:
                 f"optimizer has {len(optimizer.param_groups)} parameter groups but there are {len(self.stages)} "
                 "stages; build it with pipeprop.stage_param_groups(stages)"
             )
-        for s, (stage, group) in enumerate(zip(self.stages, optimizer.param_groups)):
-            if {id(p) for p in stage.parameters()} != {id(p) for p in group["params"]}:
-                raise ValueError(f"optimizer parameter group {s} does not hold exactly the parameters of stage {s}")
         self.optimizer = optimizer
-        self.loss_fn = loss_fn
+        self._target_keyword: Optional[str] = None
+        if loss_fn is None:
+            graph_stage = next((m for m in self.stages[0].modules() if isinstance(m, GraphStage)), None) if self.stages else None
+            if graph_stage is None or not graph_stage.takes_target:
+                raise ValueError(
+                    "loss_fn=None trains on the loss the model returns, so the model must be partitioned with its "
+                    "target: pipeprop.partition(model, example_input=x, example_target=y) (pipeprop.train does this)"
+                )
+            self._target_keyword = graph_stage.target_keyword
+        self._model_computes_loss = loss_fn is None
+        self.loss_fn = loss_from_output if loss_fn is None else loss_fn
         self.weight_mode = weight_mode
         self.check_finite = check_finite
+        self.precision = check_precision(precision)
         self.step_count = 0
         self._overrides_backward = type(optimizer).backward_weights is not PipelineOptimizer.backward_weights
         self._all_params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._reads = _stage_reads(self.stages, optimizer)
+        self._param_names = {
+            id(p): f"stage {s} {name}" for s, st in enumerate(self.stages) for name, p in st.named_parameters()
+        }
         self._rings: list[Optional[_WeightRing]] = []
         can_keep = optimizer.supports_keeping_previous_weights
         for group in optimizer.param_groups:
@@ -158,12 +217,48 @@ class PipelineSimulator:
             by_reference = can_keep and optimizer.forward_uses_live_weights(group)
             ring = _WeightRing(group_params(group), optimizer.stage_delay(group), by_reference) if needs_ring else None
             self._rings.append(ring)
-        self._keeps_previous = any(r is not None and r.by_reference for r in self._rings)
+        # shared weights: a stage reading a parameter owned by another stage keeps that parameter's versions
+        # (or predictions) for its own delay in a reader ring; (owner, parameters, delay, ring) per owner
+        self._readers: list[list[tuple[int, list[Tensor], int, Optional[_WeightRing]]]] = []
+        for s, reads in enumerate(self._reads):
+            mine = []
+            delay = optimizer.stage_delay(optimizer.param_groups[s])
+            for owner in sorted({o for _, o, _ in reads if o != s}):
+                foreign = [p for p, o, _ in reads if o == owner]
+                group = self._reader_group(owner, foreign, delay)
+                live = optimizer.forward_uses_live_weights(group)
+                ring = _WeightRing(foreign, delay, can_keep and live) if delay > 0 or not live else None
+                mine.append((owner, foreign, delay, ring))
+            self._readers.append(mine)
+        #: parameters whose past versions a reader ring may hold: never updated in place or into spare storage
+        self._read_elsewhere = {id(p) for mine in self._readers for _, foreign, _, ring in mine if ring is not None for p in foreign}
+        self._keeps_previous = any(r is not None and r.by_reference for r in self._rings) or any(
+            r is not None and r.by_reference for mine in self._readers for _, _, _, r in mine
+        )
         if self._keeps_previous:
             optimizer.keep_previous_weights = True
+        #: stages whose forward weights can differ from the weights their backward must see
+        self._rebinds = [
+            self._overrides_backward
+            or self._rings[s] is not None
+            or any(r is not None for _, _, _, r in self._readers[s])
+            for s in range(len(self.stages))
+        ]
+        #: per stage: track weight-derived saved tensors (None: decided by probing the first step)
+        self._track: list[Optional[bool]] = [None if r else False for r in self._rebinds]
+        self._scaler = LossScaler() if self.precision == "16-mixed" else None
+        self._compiled: list[Optional[Callable[[Any], Any]]] = [None] * len(self.stages)
+        if compile:
+            backend = "inductor" if compile is True else str(compile)
+            self._compiled = [torch.compile(st, backend=backend, dynamic=False) for st in self.stages]
         self._push_forward_weights(0)
 
     # ------------------------------------------------------------------ weight versions
+    def _reader_group(self, owner: int, params: list[Tensor], delay: int) -> dict[str, Any]:
+        """The owner's optimizer group as seen by a stage that reads ``params`` with its own ``delay`` (built
+        when used, so that learning-rate changes and update counts of the owner's group are current)."""
+        return {**self.optimizer.param_groups[owner], "params": params, "delay": delay}
+
     def _push_forward_weights(self, version: int) -> None:
         predicted = []
         for ring, group in zip(self._rings, self.optimizer.param_groups):
@@ -173,41 +268,70 @@ class PipelineSimulator:
                 ring.push(version, self.optimizer, group)
             else:
                 predicted.append((group, ring.slot(version)))
+        for mine in self._readers:
+            for owner, params, delay, ring in mine:
+                if ring is None:
+                    continue
+                group = self._reader_group(owner, params, delay)
+                if ring.by_reference:
+                    ring.push(version, self.optimizer, group)
+                else:
+                    predicted.append((group, ring.slot(version)))
         if predicted:  # all stages' forward weights (e.g. LWP predictions) in one call
             self.optimizer.forward_weights_into(predicted)
 
     def _spare_weights(self, version: int) -> dict[Tensor, Tensor]:
         """Storage the update to ``version`` may write into: the tensors of the version that leaves a ring of
-        past weights when ``version`` is pushed (no longer used), or the live weights where no ring keeps them."""
+        past weights when ``version`` is pushed (no longer used), or the live weights where no ring keeps them.
+        Parameters that another stage reads through a reader ring get new tensors."""
         spare: dict[Tensor, Tensor] = {}
         for ring, group in zip(self._rings, self.optimizer.param_groups):
             params = group["params"]
             if ring is None or not ring.by_reference:
-                spare.update((p, p.data) for p in params)  # nothing keeps the live weights: update in place
+                spare.update((p, p.data) for p in params if id(p) not in self._read_elsewhere)
             else:
-                spare.update(zip(params, ring.slot(version)))  # empty while the ring fills: new tensors
+                spare.update((p, w) for p, w in zip(params, ring.slot(version)) if id(p) not in self._read_elsewhere)
         return spare
 
     def forward_weights_of(self, stage: int, microbatch: int) -> list[Tensor]:
-        """The forward weights stage ``stage`` uses for ``microbatch`` (must be the next or a current one)."""
+        """The forward weights of the parameters stage ``stage`` owns (its optimizer group) for ``microbatch``."""
         group = self.optimizer.param_groups[stage]
         ring = self._rings[stage]
         if ring is None:
             return group_params(group)
         return ring.slot(max(0, microbatch - ring.delay))
 
+    def _stage_forward_weights(self, stage: int, microbatch: int) -> list[Tensor]:
+        """The forward weights of every parameter stage ``stage`` reads, in :func:`_stage_reads` order."""
+        own = self.forward_weights_of(stage, microbatch)
+        foreign: dict[int, Tensor] = {}
+        for _, params, _, ring in self._readers[stage]:
+            ws = params if ring is None else ring.slot(max(0, microbatch - ring.delay))
+            foreign.update({id(p): w for p, w in zip(params, ws)})
+        return [own[i] if o == stage else foreign[id(p)] for p, o, i in self._reads[stage]]
+
     def weight_version_bytes(self) -> int:
         """Memory held for stale/predicted weight versions (excluding the live weights)."""
-        return sum(
+        total = sum(
             r.num_bytes(group_params(g)) for r, g in zip(self._rings, self.optimizer.param_groups) if r is not None
         )
+        for mine in self._readers:
+            total += sum(r.num_bytes(params) for _, params, _, r in mine if r is not None)
+        return total
 
     # ------------------------------------------------------------------ one micro-batch
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Any, stage_context: Optional[Callable[[int, Any], Any]] = None) -> Any:
+        """Run every stage; ``stage_context(s, input)``, when given, is entered around stage ``s``."""
         out = x
         for s, stage in enumerate(self.stages):
+            if self._compiled[s] is not None and self._track[s] is False:
+                stage = self._compiled[s]
             try:
-                out = stage(out)
+                if stage_context is None:
+                    out = stage(out)
+                else:
+                    with stage_context(s, out):
+                        out = stage(out)
             except (RuntimeError, TypeError, ValueError) as err:
                 names = " > ".join(getattr(stage, "names", [type(stage).__name__]))
                 raise type(err)(
@@ -215,6 +339,55 @@ class PipelineSimulator:
                     "fit together and that the micro-batch has the shape the model expects."
                 ) from err
         return out
+
+    def _bind_weights(self, n: int) -> tuple[Optional[SavedWeightRebinder], Callable[[int, Any], Any]]:
+        """The forward weights of micro-batch ``n`` per stage, and what each saved weight resolves to at backward."""
+        opt = self.optimizer
+        # weight stashing rebinds too: autograd saves a parameter itself, whose data is live again at backward
+        rebind = self.weight_mode == "pb" or self._overrides_backward
+        binder = SavedWeightRebinder() if any(self._rebinds) else None
+        bwd_override: dict[int, list[Tensor]] = {}
+        if self._overrides_backward:
+            for s, group in enumerate(opt.param_groups):
+                override = opt.backward_weights(group)
+                if override is not None:
+                    bwd_override[s] = list(override)
+        swaps: list[tuple[list[Tensor], list[Tensor]]] = []
+        for s, reads in enumerate(self._reads):
+            if not self._rebinds[s]:
+                swaps.append(([], []))
+                continue
+            params, tensors = [], []
+            for (p, o, i), w in zip(reads, self._stage_forward_weights(s, n)):
+                if binder is not None:
+                    if o in bwd_override:
+                        resolve = lambda o=o, i=i: bwd_override[o][i]  # noqa: E731
+                    elif self.weight_mode == "stash":
+                        resolve = lambda w=w: w  # noqa: E731
+                    else:
+                        resolve = lambda p=p: p  # noqa: E731
+                    binder.register(w, resolve, self._param_names.get(id(p), ""), stage=s)
+                if w is not p:
+                    params.append(p)
+                    tensors.append(w)
+            swaps.append((params, tensors))
+        autocast_params = self._all_params
+        precision = self.precision
+
+        @contextmanager
+        def stage_context(s: int, inp: Any):
+            with ExitStack() as stack:
+                stack.enter_context(autocast(precision, autocast_params))
+                params, tensors = swaps[s]
+                if params:
+                    stack.enter_context(swapped_weights(params, tensors))
+                if binder is not None and rebind and self._track[s] is not False:
+                    tracker = DerivedWeightTracker(binder, s, f"stage {s}")
+                    tracker.mark_activations(inp)
+                    stack.enter_context(tracker)
+                yield
+
+        return binder, stage_context
 
     def step(self, x: Any, y: Any, *, sync: bool = True) -> Any:
         """Push micro-batch ``(x, y)`` through the pipeline; returns its loss (from stale forward weights).
@@ -227,43 +400,33 @@ class PipelineSimulator:
         opt = self.optimizer
         for p in self._all_params:  # opt.zero_grad(set_to_none=True), without its per-call overhead
             p.grad = None
-        fwd: dict[tuple[int, int], Tensor] = {}
-        swap_params: list[Tensor] = []
-        swap_tensors: list[Tensor] = []
-        bwd_override: dict[int, list[Tensor]] = {}
-        for s, group in enumerate(opt.param_groups):
-            override = opt.backward_weights(group) if self._overrides_backward else None
-            if override is not None:
-                bwd_override[s] = list(override)
-            if self._rings[s] is None and override is None:
-                continue  # forward and backward both use the live weights: nothing to rebind
-            params = group_params(group)
-            for i, (p, w) in enumerate(zip(params, self.forward_weights_of(s, n))):
-                fwd[(s, i)] = w
-                if w is not p:
-                    swap_params.append(p)
-                    swap_tensors.append(w)
-
-        def resolve(s: int, i: int) -> Tensor:
-            if s in bwd_override:
-                return bwd_override[s][i]
-            if self.weight_mode == "stash":
-                return fwd[(s, i)]
-            return group_params(opt.param_groups[s])[i]
-
+        if self._model_computes_loss:
+            x = model_inputs(x, y, self._target_keyword)
+        if self.precision == "64":
+            x = cast_input(x, torch.float64)
+        binder, stage_context = self._bind_weights(n)
         with ExitStack() as stack:
-            if fwd:
-                stack.enter_context(rebound_saved_weights(fwd, resolve))
-                stack.enter_context(swapped_weights(swap_params, swap_tensors))
-            output = self.forward(x)
-            loss = self.loss_fn(output, y)
+            if binder is not None:
+                stack.enter_context(binder.hooks())
+            output = self.forward(x, stage_context)
+            with autocast(self.precision, self._all_params):
+                loss = self.loss_fn(output, y)
+        if binder is not None and any(t is None for t in self._track):
+            check_ctx_weights(loss, binder, {id(p): self._param_names.get(id(p), "") for s, r in enumerate(self._reads) if self._rebinds[s] for p, _, _ in r})
+            self._track = [t if t is not None else s in binder.derived_hits for s, t in enumerate(self._track)]
         loss_value = loss.detach()
         if self.check_finite:
             _check_finite(loss_value, n)
-        (loss if loss.dim() == 0 else loss.sum()).backward()
+        total = loss if loss.dim() == 0 else loss.sum()
         if self._keeps_previous:
             opt.spare_weights = self._spare_weights(n + 1)
-        opt.step()
+        if self._scaler is None:
+            total.backward()
+            opt.step()
+        else:
+            (total.float() * self._scaler.scale).backward()
+            if self._scaler.unscale(self._all_params):
+                opt.step()
         opt.spare_weights = None
         self.step_count = n + 1
         self._push_forward_weights(n + 1)
@@ -272,10 +435,16 @@ class PipelineSimulator:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Step count and weight-version ring buffers (the model and optimizer are saved separately)."""
-        return {
+        state = {
             "step_count": self.step_count,
             "rings": [None if r is None else [[t.clone() for t in slot] for slot in r.slots] for r in self._rings],
         }
+        readers = [[None if r is None else [[t.clone() for t in slot] for slot in r.slots] for *_, r in g] for g in self._readers]
+        if any(any(r is not None for r in g) for g in readers):
+            state["reader_rings"] = readers
+        if self._scaler is not None:
+            state["loss_scaler"] = self._scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         rings = state["rings"]
@@ -295,4 +464,15 @@ class PipelineSimulator:
                     else:
                         for t, v in zip(mine.slots[k], saved):
                             t.copy_(v)
+        for mine, saved_readers in zip(self._readers, state.get("reader_rings") or [[None] * len(g) for g in self._readers]):
+            for (_, params, _, ring), saved in zip(mine, saved_readers):
+                if ring is None or saved is None:
+                    continue
+                ring.slots = [
+                    [v.detach().clone().to(p.device, p.dtype) for v, p in zip(slot, params)] if ring.by_reference else
+                    [t.copy_(v) for t, v in zip(ring.slots[k], slot)]
+                    for k, slot in enumerate(saved)
+                ]
+        if self._scaler is not None and "loss_scaler" in state:
+            self._scaler.load_state_dict(state["loss_scaler"])
         self.step_count = int(state["step_count"])

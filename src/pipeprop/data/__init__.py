@@ -1,4 +1,4 @@
-"""Data sets as in-memory uint8 tensors, seeded augmentation, and seeded micro-batch streams."""
+"""Data sets as in-memory uint8 tensors (images) or character ids (text), seeded augmentation, and seeded micro-batch streams."""
 
 from .augmentation import RandomCropFlip, augment
 from .dataset import ImageDataset, Split
@@ -6,6 +6,7 @@ from .digits import load_digits
 from .files import CorruptDatasetError, DatasetNotFoundError
 from .registry import available_datasets, load_dataset
 from .stream import MicroBatchStream
+from .text import SequenceStream, TextDataset, load_tiny_shakespeare
 
 __all__ = [
     "ImageDataset",
@@ -14,6 +15,9 @@ __all__ = [
     "load_dataset",
     "available_datasets",
     "MicroBatchStream",
+    "TextDataset",
+    "SequenceStream",
+    "load_tiny_shakespeare",
     "augment",
     "RandomCropFlip",
     "DatasetNotFoundError",

@@ -52,14 +52,17 @@ def build_pipeline(
     """Partition ``model`` (built identically on every rank), keep this rank's stages and build its engine.
 
     ``assignment`` maps stages to ranks (see :func:`~pipeprop.distributed.assignment.assign_stages`);
-    ``"flops"`` needs ``sample_input`` (one micro-batch). ``lr_schedule`` scales each stage's learning rate
+    ``"flops"`` needs ``sample_input`` (one micro-batch), as does a model that is not an ``nn.Sequential`` of
+    layers (its forward is captured as a graph on it). ``lr_schedule`` scales each stage's learning rate
     at its update count (:meth:`~pipeprop.optim.PipelineOptimizer.set_lr_schedule`), as in the simulator's
     runner. Extra ``options`` go to the method's optimizer.
     Only this rank's stages are moved to ``device``.
     """
     spec = get_method(method)
     check_method(method, getattr(model, "delay_offset", 0) if isinstance(model, Partition) else 0)
-    part = model if isinstance(model, Partition) else make_partition(model, partition)
+    part = model if isinstance(model, Partition) else make_partition(model, partition, example_input=sample_input)
+    if part.shared_parameters():
+        raise ValueError("a parameter is read by several stages (tied weights); the distributed engine does not support that yet: use the simulator")
     ranges = assign_stages(part.stages, comm.world_size, assignment, sample_input)
     mine = ranges[comm.rank]
     stages = [part.stages[s] for s in mine]
@@ -71,7 +74,7 @@ def build_pipeline(
         # methods that look at the whole pipeline (SpecTrain) must see its largest delay, not this rank's
         for g in groups:
             g["pipeline_max_delay"] = max(part.delays)
-    optimizer = spec.optimizer(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **{**spec.options, **options})
+    optimizer = spec.build_optimizer(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **options)
     if lr_schedule is not None:
         optimizer.set_lr_schedule(lr_schedule)
     return DistributedPipeline(

@@ -174,9 +174,9 @@ def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, re
     corrects: list[int] = []
     engine = build_pipeline(
         setup.partition, _CountingLoss(corrects), comm=comm, method=cfg.method, lr=setup.recipe.lr,
-        momentum=setup.recipe.momentum, weight_decay=setup.recipe.weight_decay,
+        **setup.recipe.optimizer_kwargs(), weight_decay=setup.recipe.weight_decay,
         assignment=[len(r) for r in setup.ranges], device=device, queue_capacity=cfg.queue_capacity,
-        lr_schedule=build_lr_schedule(setup.recipe), **optimizer_options(cfg, build_pipeline),
+        lr_schedule=build_lr_schedule(setup.recipe), **optimizer_options(cfg),
     )
     stream = build_stream(cfg, setup.data, setup.total_steps, device)
     ranges = [[r.start, r.stop] for r in setup.ranges]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..data import ImageDataset, MicroBatchStream, load_digits
-from .config import ConfigError, ExperimentConfig
+from .config import ExperimentConfig
 
 __all__ = ["build_dataset", "build_model", "build_augment", "build_stream", "build_lr_schedule", "optimizer_options",
            "ModelFactory", "TrackedCrossEntropy",
@@ -145,16 +145,10 @@ def build_lr_schedule(recipe: Any) -> Callable[[int], float]:
     return SampleSchedule(recipe)
 
 
-def optimizer_options(config: ExperimentConfig, builder: Callable[..., Any]) -> dict[str, Any]:
-    """Keywords for the engine's builder: the method's options, plus the optimizer choice when it is not SGD."""
-    options = dict(config.method_options)
-    if config.optimizer != "sgd":
-        if "optimizer" not in inspect.signature(builder).parameters:
-            raise ConfigError(
-                f"optimizer = {config.optimizer!r} is not available yet in this version of pipeprop; use optimizer='sgd'"
-            )
-        options.update(optimizer=config.optimizer, betas=tuple(config.betas), eps=config.eps)
-    return options
+def optimizer_options(config: ExperimentConfig) -> dict[str, Any]:
+    """Extra keywords for the method's optimizer (the optimizer choice itself travels in the scaled recipe,
+    :meth:`~pipeprop.scaling.ScaledRecipe.optimizer_kwargs`, since its betas are scaled too)."""
+    return dict(config.method_options)
 
 
 class TrackedCrossEntropy:

@@ -88,12 +88,13 @@ class ExperimentConfig(BaseModel):
     test_subset: Optional[int] = Field(None, ge=1)
     augment: bool = False
     dtype: Literal["float32", "float64"] = "float32"
+    precision: Literal["32", "64", "bf16-mixed", "16-mixed"] = "32"  # compute precision (pipeprop.precision)
     # method and optimizer at micro-batch size b
     method: str = "pb+sc+lwp"
     method_options: dict[str, Any] = Field(default_factory=dict)
-    optimizer: Literal["sgd", "adam", "adamw", "nadam"] = "sgd"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    optimizer: str = "sgd"  # "sgd" | "adam" | "adamw" | "nadam" (independent of the method)
+    betas: Optional[tuple[float, float]] = None  # Adam family; None: the method's (asyncpp: 0.99, 0.999) or (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)  # Adam family
     micro_batch: int = Field(1, ge=1)
     # reference recipe at batch size B, scaled to b by `rule`
     batch_size: int = Field(128, ge=1)
@@ -199,10 +200,24 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"use one of {', '.join(ASSIGNMENT_KINDS)} or stages per process such as '2,1,1'")
         return _check_counts(value)
 
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        from ..methods import normalize_optimizer
+
+        return normalize_optimizer(value)
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_from_text(cls, value: Any) -> Any:
+        if isinstance(value, str):  # "0.9,0.99" from the command line
+            return [b for b in value.split(",") if b.strip()]
+        return value
+
     @field_validator("betas")
     @classmethod
-    def _beta_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in value):
+    def _beta_range(cls, value: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
+        if value is not None and not all(0.0 <= b < 1.0 for b in value):
             raise ValueError("both betas must lie in [0, 1)")
         return value
 
@@ -242,6 +257,9 @@ class ExperimentConfig(BaseModel):
             batch_size=self.batch_size,
             lr=self.lr,
             momentum=self.momentum,
+            optimizer=self.optimizer,
+            betas=self._reference_betas(),
+            eps=self.eps,
             weight_decay=self.weight_decay,
             epochs=self.total_samples(train_size) / train_size,
             warmup_epochs=self.warmup_epochs,
@@ -259,6 +277,15 @@ class ExperimentConfig(BaseModel):
         ``min_eval_every`` samples apart (never more than the run), rounded up to whole micro-batches."""
         every = self.eval_every or max(min(self.min_eval_every, total_samples), -(-total_samples // self.max_evals))
         return max(self.micro_batch, every)
+
+    def _reference_betas(self) -> tuple[float, float]:
+        """The reference betas (Adam family): ``betas``, else the method's (asyncpp: 0.99, 0.999)."""
+        if self.betas is not None:
+            return float(self.betas[0]), float(self.betas[1])
+        from ..methods import get_method
+
+        b1, b2 = get_method(self.method).options.get("betas", (0.9, 0.999))
+        return float(b1), float(b2)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..api import build_simulator
 from ..data import ImageDataset
+from ..rng import get_rng_state, set_rng_state
 from ..simulator import DivergenceError
 from .builders import (ModelFactory, TrackedCrossEntropy, build_dataset, build_lr_schedule, build_model, build_stream,
                        optimizer_options)
@@ -152,11 +153,12 @@ class Runner(_StopOnSignal):
             self.loss_fn,
             method=cfg.method,
             lr=self.recipe.lr,
-            momentum=self.recipe.momentum,
             weight_decay=self.recipe.weight_decay,
+            **self.recipe.optimizer_kwargs(),
             partition=cfg.partition,
             delay_offset=cfg.delay_offset,
-            **optimizer_options(cfg, build_simulator),
+            precision=cfg.precision,
+            **optimizer_options(cfg),
         )
         self.sim.optimizer.set_lr_schedule(build_lr_schedule(self.recipe))
         return self
@@ -183,7 +185,7 @@ class Runner(_StopOnSignal):
             "metrics": json.dumps(self.metrics),
             "progress": dict(vars(self.progress)),
             "window": json.dumps(self.window.entries),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": get_rng_state(),
         }
 
     def load_run_state(self, state: dict[str, Any]) -> None:
@@ -192,7 +194,7 @@ class Runner(_StopOnSignal):
         self.metrics = json.loads(state["metrics"])
         self.progress = _Progress(**state["progress"])
         self.window = TrainWindow(self.window.size, json.loads(state["window"]))
-        torch.set_rng_state(state["torch_rng"])
+        set_rng_state(state["torch_rng"])
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.run_state(), "optimizer": self.sim.optimizer.state_dict(), "simulator": self.sim.state_dict()}

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .blocks import Fork, Join, OnBranch, OnSkip, PadShortcut, describe
+from .gpt import char_gpt, lm_loss
 from .resnet_cifar import cifar_resnet
 from .resnet_imagenet import imagenet_resnet
 from .small import cnn_small, mlp
@@ -27,6 +28,8 @@ __all__ = [
     "vgg",
     "mlp",
     "cnn_small",
+    "char_gpt",
+    "lm_loss",
     "Fork",
     "OnBranch",
     "OnSkip",
@@ -54,6 +57,8 @@ _ZOO: dict[str, ModelSpec] = {
     },
     **{f"vgg{d}": ModelSpec(partial(vgg, d), "gn", f"VGG-{d} for 32x32 (kw: width_mult, classifier)") for d in (11, 13, 16)},
     "resnet50": ModelSpec(partial(imagenet_resnet, 50), "gn", "ImageNet ResNet-50, bottleneck (kw: width=64)"),
+    "char-gpt": ModelSpec(char_gpt, "ln", "character-level GPT, 4 stages per block, untied embeddings "
+                          "(kw: vocab_size=65, context=64, d_model=64, n_layers=4, n_heads=4)"),
 }
 
 
