@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..api import build_simulator
 from ..multi_run import build_multi_simulator
 from .builders import ModelFactory, StackedTrackedCrossEntropy, build_lr_schedule, optimizer_options
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -47,6 +46,10 @@ def why_not_batched(config: ExperimentConfig) -> Optional[str]:
     """Why runs of ``config`` cannot be batched before building anything (``None`` if they may be)."""
     if config.engine != "simulator":
         return f"engine {config.engine!r} trains one run per process group"
+    if config.optimizer != "sgd":
+        return f"optimizer {config.optimizer!r}: train_many supports the SGD-family update only"
+    if config.precision != "32":
+        return f"precision {config.precision!r}: batched runs use precision '32' (set the dtype with --dtype)"
     return None
 
 
@@ -62,10 +65,9 @@ def _has_dropout(model: nn.Module) -> bool:
 
 def _slice_state(state: Any, k: int, num_runs: int) -> dict[str, Any]:
     """Run ``k``'s part of a stacked state: every tensor with leading dimension ``num_runs`` indexed at ``k``."""
-    leaves, _ = tree_flatten(state)
+    leaves, spec = tree_flatten(state)
     sliced = [isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == num_runs for t in leaves]
     leaves = [t[k].clone() if s else t for t, s in zip(leaves, sliced)]
-    _, spec = tree_flatten(state)
     return {"state": tree_unflatten(leaves, spec), "sliced": sliced}
 
 
@@ -109,9 +111,9 @@ class RunGroup(_StopOnSignal):
         self.loss_fn = StackedTrackedCrossEntropy()
         self.multi = build_multi_simulator(
             [r.model for r in self.runs], self.loss_fn, loss_is_stacked=True, method=cfg.method,
-            lr=[r.recipe.lr for r in self.runs], momentum=lead.recipe.momentum, weight_decay=lead.recipe.weight_decay,
+            lr=[r.recipe.lr for r in self.runs], weight_decay=lead.recipe.weight_decay,
             partition=cfg.partition, delay_offset=cfg.delay_offset, check_finite=False,
-            **optimizer_options(cfg, build_simulator),
+            **lead.recipe.optimizer_kwargs(), **optimizer_options(cfg),
         )
         self.multi.optimizer.set_lr_schedule(build_lr_schedule(lead.recipe))
         for k, r in enumerate(self.runs):
