@@ -208,9 +208,14 @@ def build_multi_simulator(
     partition: Granularity = "layer",
     delay_offset: int = 0,
     check_finite: bool = True,
+    loss_is_stacked: bool = False,
     **options: Any,
 ) -> MultiRunSimulator:
-    """Partition each of ``models`` alike and build one simulator for all of them (see :func:`train_many`)."""
+    """Partition each of ``models`` alike and build one simulator for all of them (see :func:`train_many`).
+
+    ``loss_is_stacked=True``: ``loss_fn`` itself maps the stacked outputs and targets (``[K, ...]``) to the
+    K losses (e.g. to count each run's correct predictions outside ``vmap``); otherwise it is vmapped.
+    """
     models = list(models)
     if not models:
         raise ValueError("train_many needs at least one model")
@@ -222,7 +227,7 @@ def build_multi_simulator(
                         parts[0].granularity, delay_offset)
 
     def stacked_loss(output: Any, target: Any) -> Tensor:
-        return vmap(loss_fn)(output, target)
+        return loss_fn(output, target) if loss_is_stacked else vmap(loss_fn)(output, target)
 
     sim = build_simulator(stacked, stacked_loss, method=method, lr=min(lrs) if isinstance(lrs, list) else lrs,
                           momentum=momentum, weight_decay=weight_decay, **options)

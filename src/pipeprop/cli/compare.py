@@ -11,6 +11,10 @@ import click
 from ..experiments.cli_options import config_options, friendly_errors, resolve_config
 
 
+BATCH_RUNS_HELP = ("train up to K runs that differ only in seed as one batched simulation, each in its own run "
+                   "folder (default 8; 1 = one by one; see docs/experiments.md)")
+
+
 def parse_list(text: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in text.split(",") if v.strip()] if text else None
 
@@ -28,10 +32,11 @@ def parse_seeds(text: Optional[str]) -> Optional[list[int]]:
         raise click.BadParameter(f"{text!r}: give seeds as 0,1,2 or a count like 3x") from err
 
 
-def run_and_print(cfg: Any, out: Path, methods: Optional[list[str]], seeds: Optional[list[int]], overwrite: bool) -> None:
+def run_and_print(cfg: Any, out: Path, methods: Optional[list[str]], seeds: Optional[list[int]], overwrite: bool,
+                  batch_runs: Optional[int] = None) -> None:
     from ..experiments.compare import run_sweep
 
-    summaries, paths = run_sweep(cfg, out, methods=methods, seeds=seeds, overwrite=overwrite,
+    summaries, paths = run_sweep(cfg, out, methods=methods, seeds=seeds, overwrite=overwrite, batch_runs=batch_runs,
                                  echo=lambda s: click.echo(s, err=True))
     click.echo(paths["table"].read_text())
     click.echo(f"table: {paths['table']}\nplot:  {paths['plot']}\ncsv:   {paths['csv']}", err=True)
@@ -48,9 +53,10 @@ def run_and_print(cfg: Any, out: Path, methods: Optional[list[str]], seeds: Opti
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="output folder (default: runs/compare-<name>)")
 @click.option("--overwrite", is_flag=True, help="rerun runs that already finished")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
+@click.option("--batch-runs", type=click.IntRange(min=1), default=None, help=BATCH_RUNS_HELP)
 @friendly_errors
 def compare(config_name: Optional[str], sets: tuple[str, ...], methods: Optional[str], seeds: Optional[str],
-            out: Optional[str], overwrite: bool, no_progress: bool, **options: Any) -> None:
+            out: Optional[str], overwrite: bool, no_progress: bool, batch_runs: Optional[int], **options: Any) -> None:
     """Train the same set-up with several methods and seeds; print a mean ± std table, write plots.
 
     Finished runs are reused and interrupted ones resumed, so rerunning the command continues a sweep.
@@ -62,4 +68,5 @@ def compare(config_name: Optional[str], sets: tuple[str, ...], methods: Optional
     cfg = resolve_config(config_name, sets, **options)
     if no_progress:
         cfg = cfg.replace(progress=False)
-    run_and_print(cfg, Path(out) if out else Path("runs") / f"compare-{cfg.name}", parse_list(methods), parse_seeds(seeds), overwrite)
+    run_and_print(cfg, Path(out) if out else Path("runs") / f"compare-{cfg.name}", parse_list(methods), parse_seeds(seeds), overwrite,
+                  batch_runs)

@@ -8,7 +8,7 @@ from typing import Optional
 import click
 
 from ..experiments.cli_options import friendly_errors
-from .compare import parse_list, parse_seeds, run_and_print
+from .compare import BATCH_RUNS_HELP, parse_list, parse_seeds, run_and_print
 
 
 def _listing(scale: Optional[str], estimate: bool) -> None:
@@ -45,9 +45,11 @@ def _listing(scale: Optional[str], estimate: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="output folder (default: runs/reproduce/NAME)")
 @click.option("--overwrite", is_flag=True, help="rerun runs that already finished")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
+@click.option("--batch-runs", type=click.IntRange(min=1), default=None, help=BATCH_RUNS_HELP)
 @friendly_errors
 def reproduce(name: Optional[str], show_list: bool, scale: Optional[str], no_estimate: bool, methods: Optional[str],
-              seeds: Optional[str], sets: tuple[str, ...], out: Optional[str], overwrite: bool, no_progress: bool) -> None:
+              seeds: Optional[str], sets: tuple[str, ...], out: Optional[str], overwrite: bool, no_progress: bool,
+              batch_runs: Optional[int]) -> None:
     """Reproduce one of the paper's experiments at paper scale (GPU) or budget scale (CPU).
 
     \b
@@ -65,4 +67,5 @@ def reproduce(name: Optional[str], show_list: bool, scale: Optional[str], no_est
     cfg = resolve_config(name, sets)
     if no_progress:
         cfg = cfg.replace(progress=False)
-    run_and_print(cfg, Path(out) if out else Path("runs") / "reproduce" / cfg.name, parse_list(methods), parse_seeds(seeds), overwrite)
+    run_and_print(cfg, Path(out) if out else Path("runs") / "reproduce" / cfg.name, parse_list(methods), parse_seeds(seeds), overwrite,
+                  batch_runs)

@@ -15,7 +15,8 @@ from ..data import ImageDataset, MicroBatchStream, load_digits
 from .config import ExperimentConfig
 
 __all__ = ["build_dataset", "build_model", "build_augment", "build_stream", "build_lr_schedule", "optimizer_options",
-           "ModelFactory", "TrackedCrossEntropy"]
+           "ModelFactory", "TrackedCrossEntropy",
+           "StackedTrackedCrossEntropy"]
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -161,3 +162,18 @@ class TrackedCrossEntropy:
 
         self.correct = int((output.detach().argmax(dim=1) == target).sum())
         return F.cross_entropy(output, target)
+
+
+class StackedTrackedCrossEntropy:
+    """:class:`TrackedCrossEntropy` of K stacked runs: outputs ``[K, b, C]``, targets ``[K, b]`` -> K losses;
+    ``correct`` holds each run's correct predictions of the last call (a tensor, read by the caller)."""
+
+    def __init__(self) -> None:
+        self.correct: Optional[torch.Tensor] = None
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+        from torch.func import vmap
+
+        self.correct = (output.detach().argmax(dim=-1) == target).sum(dim=-1)
+        return vmap(F.cross_entropy)(output, target)

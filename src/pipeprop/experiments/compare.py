@@ -12,7 +12,10 @@ from .report import load_run, write_report
 from .run_folder import check_run_folder
 from .runner import CHECKPOINT, run_experiment
 
-__all__ = ["run_sweep", "sweep_dirs"]
+__all__ = ["run_sweep", "sweep_dirs", "DEFAULT_BATCH_RUNS"]
+
+#: runs trained as one batched simulation by default (see docs/experiments.md, "Batched runs")
+DEFAULT_BATCH_RUNS = 8
 
 
 def sweep_dirs(config: ExperimentConfig, out_dir: Path, methods: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, int, ExperimentConfig, Path]]:
@@ -34,6 +37,7 @@ def run_sweep(
     overwrite: bool = False,
     model_factory: Optional[Callable[..., Any]] = None,
     show_progress: Optional[bool] = None,
+    batch_runs: Optional[int] = None,
     echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Run (or reuse) every method x seed; returns the summaries and the report files.
@@ -42,31 +46,96 @@ def run_sweep(
     resumed from its checkpoint, only when its stored config equals the requested one (anything else
     raises :class:`~pipeprop.experiments.run_folder.RunDirError` naming the differing keys); ``overwrite``
     reruns everything. An interrupted run ends the sweep.
+
+    ``batch_runs`` (default :data:`DEFAULT_BATCH_RUNS`): runs that differ only in seed (or learning rate)
+    are trained up to that many at a time as one batched simulation
+    (:class:`~pipeprop.experiments.run_group.RunGroup`), each in its own run folder; 1 trains them one by
+    one. Runs that cannot be batched fall back to one by one with a notice. A run checkpointed in a group
+    resumes in a group.
     """
+    from .run_group import RunGroup, group_key, is_batched_checkpoint, why_not_batched
+
     out_dir = Path(out_dir)
     methods = list(methods or config.methods)
     seeds = list(seeds if seeds is not None else config.seeds)
+    k_max = DEFAULT_BATCH_RUNS if batch_runs is None else int(batch_runs)
+    if k_max < 1:
+        raise ValueError(f"batch_runs must be >= 1, got {batch_runs}")
     plan = sweep_dirs(config, out_dir, methods, seeds)
-    summaries = []
-    for i, (label, seed, cfg, run_dir) in enumerate(plan, 1):
+    summaries: dict[int, dict[str, Any]] = {}
+    todo: list[tuple[int, bool, bool]] = []  # (plan index, resume, batched checkpoint)
+    for i, (label, seed, cfg, run_dir) in enumerate(plan):
         summary_path = run_dir / "summary.json"
         started = (run_dir / CHECKPOINT).is_file() or (run_dir / "checkpoint").is_dir()
         if not overwrite and (started or summary_path.is_file()):
             check_run_folder(run_dir, cfg, resume=True)  # a different config is refused, naming the keys
         previous = json.loads(summary_path.read_text()) if summary_path.is_file() and not overwrite else None
         if previous is not None and previous.get("status") in ("completed", "diverged"):
-            echo(f"[{i}/{len(plan)}] {label} seed {seed}: reusing {run_dir} ({previous['status']})")
-            summaries.append(previous)
+            echo(f"[{i + 1}/{len(plan)}] {label} seed {seed}: reusing {run_dir} ({previous['status']})")
+            summaries[i] = previous
             continue
         resume = not overwrite and started
-        echo(f"[{i}/{len(plan)}] {label} seed {seed}{' (resuming)' if resume else ''} -> {run_dir}")
-        summary = run_experiment(cfg, run_dir, resume=resume, overwrite=overwrite, model_factory=model_factory,
-                                 show_progress=show_progress)
-        summaries.append(summary)
-        acc = summary.get("final_test_acc")
-        echo(f"    {summary['status']}: final test acc {acc if acc is None else f'{100 * acc:.2f}%'}")
-        if summary["status"] == "interrupted":
+        todo.append((i, resume, resume and cfg.engine == "simulator" and is_batched_checkpoint(run_dir)))
+
+    # batches: runs of one group key and the same start (fresh / resumed from a group checkpoint), <= k_max each
+    batches: list[list[tuple[int, bool, bool]]] = []
+    open_batches: dict[tuple[str, bool, bool], list[tuple[int, bool, bool]]] = {}
+    noticed: set[str] = set()
+    for item in todo:
+        i, resume, batched = item
+        cfg = plan[i][2]
+        reason = why_not_batched(cfg)
+        if reason and k_max > 1 and group_key(cfg) not in noticed:
+            noticed.add(group_key(cfg))
+            echo(f"notice: {plan[i][0]} runs cannot be batched ({reason}); running them one by one")
+        if (resume and not batched) or reason or (k_max == 1 and not batched):
+            batches.append([item])
+            continue
+        key = (group_key(cfg), resume, batched)
+        current = open_batches.get(key)
+        if current is None or len(current) >= k_max:
+            current = open_batches[key] = []
+            batches.append(current)
+        current.append(item)
+
+    interrupted = False
+    for batch in batches:
+        if interrupted:
             break
+        results: Optional[list[dict[str, Any]]] = None
+        resume = batch[0][1]
+        if len(batch) > 1 or batch[0][2]:
+            idx = [i for i, _, _ in batch]
+            names = ", ".join(f"{plan[i][0]} seed {plan[i][1]}" for i in idx)
+            try:
+                group = RunGroup([plan[i][2] for i in idx], [plan[i][3] for i in idx], model_factory=model_factory).setup()
+            except ValueError as err:
+                if batch[0][2]:
+                    raise
+                echo(f"notice: {names} cannot be batched ({err}); running them one by one")
+            else:
+                echo(f"[{', '.join(str(i + 1) for i in idx)}/{len(plan)}] {names}: {len(idx)} runs batched"
+                     f"{' (resuming)' if resume else ''} -> {plan[idx[0]][3].parent}/")
+                results = group.run(resume=resume, overwrite=overwrite, show_progress=show_progress)
+                for i, summary in zip(idx, results):
+                    summaries[i] = summary
+                    _echo_result(echo, plan[i], summary)
+        if results is None:
+            for i, resume, _ in batch:
+                label, seed, cfg, run_dir = plan[i]
+                echo(f"[{i + 1}/{len(plan)}] {label} seed {seed}{' (resuming)' if resume else ''} -> {run_dir}")
+                summary = run_experiment(cfg, run_dir, resume=resume, overwrite=overwrite, model_factory=model_factory,
+                                         show_progress=show_progress)
+                summaries[i] = summary
+                _echo_result(echo, plan[i], summary)
+                if summary["status"] == "interrupted":
+                    break
+        interrupted = any(summaries[i]["status"] == "interrupted" for i, _, _ in batch if i in summaries)
     runs = [load_run(d) for *_, d in plan if (d / "summary.json").is_file()]
     paths = write_report(out_dir, runs, title=config.name)
-    return summaries, paths
+    return [summaries[i] for i in sorted(summaries)], paths
+
+
+def _echo_result(echo: Callable[[str], None], entry: tuple[str, int, ExperimentConfig, Path], summary: dict[str, Any]) -> None:
+    acc = summary.get("final_test_acc")
+    echo(f"    {entry[0]} seed {entry[1]}: {summary['status']}: final test acc {acc if acc is None else f'{100 * acc:.2f}%'}")

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from .config import ExperimentConfig
 from .run_folder import RunDirError, TrainWindow, claim_run_folder, make_summary, write_config_json, write_metrics, write_summary
 from .tracking import open_logger
 
-__all__ = ["Runner", "run_experiment", "evaluate", "RunDirError", "STATUSES"]
+__all__ = ["Runner", "run_experiment", "train_loop", "evaluate", "RunDirError", "STATUSES"]
 
 STATUSES = ("completed", "diverged", "interrupted", "stopped")
 CHECKPOINT = "checkpoint.pt"
@@ -79,8 +79,36 @@ class _Progress:
     diverged_at: Optional[int] = None
 
 
-class Runner:
-    """One simulator run of ``config`` in ``run_dir`` (build with :meth:`setup`, then :meth:`run`)."""
+class _StopOnSignal:
+    """The first Ctrl-C/SIGTERM asks the training loop to stop at the next step (with a checkpoint)."""
+
+    _stop_requested = False
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:  # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, self._on_signal)
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old: dict[int, Any]) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+class Runner(_StopOnSignal):
+    """One simulator run of ``config`` in ``run_dir`` (build with :meth:`setup`, then :meth:`run`).
+
+    A :class:`~pipeprop.experiments.run_group.RunGroup` trains several prepared runners (:meth:`prepare`)
+    as one batched simulation; each keeps its run folder, metrics, stream and checkpoint.
+    """
 
     def __init__(self, config: ExperimentConfig, run_dir: Path | str, *, model_factory: Optional[ModelFactory] = None) -> None:
         if config.engine != "simulator":
@@ -92,9 +120,11 @@ class Runner:
         self.progress = _Progress()
         self._stop_requested = False
         self._logger: Any = None
+        self.run_index: Optional[int] = None  # this run's index in a batched group (None: trained alone)
 
     # ------------------------------------------------------------------ construction
-    def setup(self) -> "Runner":
+    def prepare(self) -> "Runner":
+        """Everything of the run except its simulator: data, recipe, model (seeded), stream, intervals."""
         cfg = self.config
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
@@ -107,6 +137,16 @@ class Runner:
         self.train_size = len(self.data.train)
         self.recipe = cfg.scaled(self.train_size)
         self.model = build_model(cfg, self.data, self.model_factory).to(self.device)
+        self.total_steps = self.recipe.total_samples // cfg.micro_batch
+        self.stream = build_stream(cfg, self.data, self.total_steps, self.device)
+        self.eval_every = cfg.eval_interval(self.recipe.total_samples)
+        self.checkpoint_every = cfg.checkpoint_every or self.eval_every
+        self.window = TrainWindow(cfg.train_window or self.eval_every)
+        return self
+
+    def setup(self) -> "Runner":
+        self.prepare()
+        cfg = self.config
         self.loss_fn = TrackedCrossEntropy()
         self.sim = build_simulator(
             self.model,
@@ -122,24 +162,26 @@ class Runner:
             **optimizer_options(cfg),
         )
         self.sim.optimizer.set_lr_schedule(build_lr_schedule(self.recipe))
-        self.total_steps = self.recipe.total_samples // cfg.micro_batch
-        self.stream = build_stream(cfg, self.data, self.total_steps, self.device)
-        self.eval_every = cfg.eval_interval(self.recipe.total_samples)
-        self.checkpoint_every = cfg.checkpoint_every or self.eval_every
-        self.window = TrainWindow(cfg.train_window or self.eval_every)
         return self
 
     @property
     def delays(self) -> list[int]:
         return [int(g.get("delay", 0)) for g in self.sim.optimizer.param_groups]
 
+    def current_lr(self) -> float:
+        """The first stage's learning rate now (this run's entry of a batched group's per-run rates)."""
+        lr = self.sim.optimizer._group_lr(self.sim.optimizer.param_groups[0])
+        if isinstance(lr, torch.Tensor):
+            lr = lr.reshape(-1)[self.run_index or 0] if lr.dim() else lr
+            return float(lr)
+        return lr
+
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
+    def run_state(self) -> dict[str, Any]:
+        """The run's own state (model, stream, metrics, counters), without the simulator's."""
         return {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
-            "optimizer": self.sim.optimizer.state_dict(),
-            "simulator": self.sim.state_dict(),
             "stream": self.stream.state_dict(),
             "metrics": json.dumps(self.metrics),
             "progress": dict(vars(self.progress)),
@@ -147,15 +189,24 @@ class Runner:
             "torch_rng": get_rng_state(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_run_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.sim.optimizer.load_state_dict(state["optimizer"])
-        self.sim.load_state_dict(state["simulator"])
         self.stream.load_state_dict(state["stream"])
         self.metrics = json.loads(state["metrics"])
         self.progress = _Progress(**state["progress"])
         self.window = TrainWindow(self.window.size, json.loads(state["window"]))
         set_rng_state(state["torch_rng"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.run_state(), "optimizer": self.sim.optimizer.state_dict(), "simulator": self.sim.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "batched" in state:
+            raise RunDirError(f"{self.run_dir} was trained in a batched group of runs: resume it with `pipeprop "
+                              "compare`/`reproduce` (the same command), which resumes batched runs batched")
+        self.load_run_state(state)
+        self.sim.optimizer.load_state_dict(state["optimizer"])
+        self.sim.load_state_dict(state["simulator"])
 
     def save(self) -> None:
         save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict(), config_hash=self.config.config_hash())
@@ -173,6 +224,16 @@ class Runner:
         write_summary(self.run_dir, summary, self.metrics, f"{cfg.name}: {cfg.method} (b={cfg.micro_batch})")
         return summary
 
+    def open_files(self, resume: bool) -> None:
+        """Write ``config.json`` and open the experiment logger (after a resume: from the restored sample)."""
+        write_config_json(self.run_dir, self.config, recipe=self.recipe, delays=self.delays, train_size=self.train_size,
+                          test_size=len(self.data.test), eval_every=self.eval_every, train_window=self.window.size)
+        self._logger = open_logger(self.config.logger, self.run_dir, resume_at=self.progress.samples if resume else None)
+
+    def close_files(self) -> None:
+        if self._logger is not None:
+            self._logger.close()
+
     # ------------------------------------------------------------------ training
     def _record(self, t0: float) -> None:
         p = self.progress
@@ -181,7 +242,7 @@ class Runner:
             "samples": p.samples,
             "step": p.steps,
             "epoch": round(p.samples / self.train_size, 6),
-            "lr": self.sim.optimizer._group_lr(self.sim.optimizer.param_groups[0]),
+            "lr": self.current_lr(),
             "train_loss": p.loss_sum / p.count if p.count else None,
             "train_acc": p.correct / p.count if p.count else None,
             "test_loss": test_loss if math.isfinite(test_loss) else None,
@@ -196,11 +257,6 @@ class Runner:
         if not math.isfinite(test_loss):
             raise DivergenceError(p.steps, test_loss)
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_requested:  # second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self._stop_requested = True
-
     def run(self, *, resume: bool = False, overwrite: bool = False, stop_after_steps: Optional[int] = None,
             show_progress: Optional[bool] = None) -> dict[str, Any]:
         """Train to the end (or until stopped); returns the summary (also written to ``summary.json``)."""
@@ -210,87 +266,141 @@ class Runner:
             prev = self.run_dir / "summary.json"
             if self.progress.samples >= self.recipe.total_samples and prev.is_file():
                 return json.loads(prev.read_text())
-        write_config_json(self.run_dir, self.config, recipe=self.recipe, delays=self.delays, train_size=self.train_size,
-                          test_size=len(self.data.test), eval_every=self.eval_every, train_window=self.window.size)
-        self._logger = open_logger(self.config.logger, self.run_dir, resume_at=self.progress.samples if resume else None)
+        self.open_files(resume)
         handlers = self._install_signal_handlers()
         try:
             status = self._loop(stop_after_steps, self.config.progress if show_progress is None else show_progress)
         finally:
             self._restore_signal_handlers(handlers)
-            if self._logger is not None:
-                self._logger.close()
+            self.close_files()
         return self._finish(status)
 
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, self._on_signal)
-        return old
-
-    @staticmethod
-    def _restore_signal_handlers(old: dict[int, Any]) -> None:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    def _step(self, xs: list[Any], ys: list[Any]) -> list[tuple[float, int]]:
+        loss = self.sim.step(xs[0], ys[0])
+        return [(loss, self.loss_fn.correct)]
 
     def _loop(self, stop_after_steps: Optional[int], show_progress: bool) -> str:
-        from tqdm.auto import tqdm
+        return train_loop([self], self._step, lambda runs: [r.save() for r in runs], lambda: None,
+                          stop_requested=lambda: self._stop_requested, stop_after_steps=stop_after_steps,
+                          show_progress=show_progress)[0]
 
-        p = self.progress
-        total = self.recipe.total_samples
-        t0 = time.perf_counter()
-        limit = self.config.divergence_loss
-        postfix_every = max(1, 256 // self.config.micro_batch)
-        status = "completed"
-        try:
-            if not self.metrics:
-                self._record(t0)
-            with tqdm(total=total, initial=p.samples, unit="sample", unit_scale=True, dynamic_ncols=True,
-                      disable=not show_progress, desc=f"{self.config.method} b={self.config.micro_batch}",
-                      file=sys.stderr) as bar:
-                for x, y in self.stream:
-                    loss = self.sim.step(x, y)
-                    n = int(y.shape[0])
-                    before = p.samples
+
+def train_loop(runs: list[Runner], step: Callable[[list[Any], list[Any]], list[tuple[float, int]]],
+               save: Callable[[list[Runner]], Any], sync_weights: Callable[[], None], *,
+               stop_requested: Callable[[], bool], stop_after_steps: Optional[int], show_progress: bool) -> list[str]:
+    """The training loop of one run or of a batched group of runs (which share every setting but seed and lr).
+
+    ``step(xs, ys)`` trains on one micro-batch per run and returns each run's ``(loss, correct)``;
+    ``sync_weights()`` makes each run's model hold its live weights before an evaluation; ``save(runs)``
+    checkpoints those runs. A run that diverges stops being recorded (status ``"diverged"``) while the
+    others go on. Returns each run's status.
+    """
+    from tqdm.auto import tqdm
+
+    lead = runs[0]
+    cfg = lead.config
+    total = lead.recipe.total_samples
+    samples, steps = lead.progress.samples, lead.progress.steps
+    if any((r.progress.samples, r.progress.steps) != (samples, steps) for r in runs):
+        raise RunDirError("the runs of a batched group were checkpointed at different steps ("
+                          + ", ".join(f"{r.run_dir}: {r.progress.samples}" for r in runs)
+                          + " samples); rerun them with --overwrite")
+    t0 = time.perf_counter()
+    limit = cfg.divergence_loss
+    postfix_every = max(1, 256 // cfg.micro_batch)
+    status = ["completed"] * len(runs)
+    done = [False] * len(runs)
+
+    def active() -> list[int]:
+        return [i for i in range(len(runs)) if not done[i]]
+
+    def diverge(i: int, err: DivergenceError) -> None:
+        r = runs[i]
+        r.progress.diverged_at = r.progress.samples
+        r.progress.elapsed += time.perf_counter() - t0
+        status[i], done[i] = "diverged", True
+        print(f"\n{r.run_dir}: {err}", file=sys.stderr)
+
+    def record() -> None:
+        sync_weights()
+        for i in active():
+            try:
+                runs[i]._record(t0)
+            except DivergenceError as err:
+                diverge(i, err)
+
+    def add_elapsed() -> float:
+        now = time.perf_counter()
+        for i in active():
+            runs[i].progress.elapsed += now - t0
+        return now
+
+    desc = f"{cfg.method} b={cfg.micro_batch}" + (f" x{len(runs)} runs" if len(runs) > 1 else "")
+    try:
+        if not lead.metrics:
+            record()
+        with tqdm(total=total, initial=samples, unit="sample", unit_scale=True, dynamic_ncols=True,
+                  disable=not show_progress, desc=desc, file=sys.stderr) as bar:
+            for batch in zip(*(r.stream for r in runs)):
+                if not active():
+                    break
+                xs, ys = [x for x, _ in batch], [y for _, y in batch]
+                try:
+                    results = step(xs, ys)
+                except DivergenceError as err:  # a single run's simulator checks its loss itself
+                    diverge(err.run or 0, err)
+                    break
+                n = int(ys[0].shape[0])
+                before = samples
+                for i in active():
+                    loss, correct = results[i]
+                    p = runs[i].progress
+                    if not math.isfinite(loss):
+                        diverge(i, DivergenceError(p.steps, loss, run=i if len(runs) > 1 else None))
+                        continue
                     p.samples += n
                     p.steps += 1
                     p.loss_sum += loss * n
-                    p.correct += self.loss_fn.correct
+                    p.correct += correct
                     p.count += n
-                    self.window.add(n, loss * n, self.loss_fn.correct)
+                    runs[i].window.add(n, loss * n, correct)
                     if limit is not None and p.loss_sum / p.count > limit:
-                        raise DivergenceError(p.steps, p.loss_sum / p.count)
-                    if p.samples // self.eval_every > before // self.eval_every or p.samples >= total:
-                        self._record(t0)
-                    bar.update(n)
-                    if p.steps % postfix_every == 0 or p.samples >= total:
-                        last = self.metrics[-1]
-                        if p.count:
-                            bar.set_postfix(loss=f"{p.loss_sum / p.count:.3f}", acc=f"{p.correct / p.count:.3f}",
-                                            test_acc=f"{last['test_acc']:.3f}", refresh=False)
-                    stopping = self._stop_requested or (stop_after_steps is not None and p.steps >= stop_after_steps)
-                    if stopping or p.samples // self.checkpoint_every > before // self.checkpoint_every:
-                        p.elapsed += time.perf_counter() - t0
-                        t0 = time.perf_counter()
-                        self.save()
-                    if stopping and p.samples < total:
-                        status = "interrupted" if self._stop_requested else "stopped"
-                        break
-        except DivergenceError as err:
-            p.diverged_at = p.samples
-            status = "diverged"
-            print(f"\n{self.run_dir}: {err}", file=sys.stderr)
-        except KeyboardInterrupt:
-            p.elapsed += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            status = "interrupted"
-            print(f"\ninterrupted; the last checkpoint in {self.run_dir} may be behind", file=sys.stderr)
-        p.elapsed += time.perf_counter() - t0
-        if status == "completed":
-            self.save()
-        return status
+                        diverge(i, DivergenceError(p.steps, p.loss_sum / p.count))
+                samples += n
+                steps += 1
+                if not active():
+                    break
+                if samples // lead.eval_every > before // lead.eval_every or samples >= total:
+                    record()
+                bar.update(n)
+                shown = active()
+                if shown and (steps % postfix_every == 0 or samples >= total):
+                    r = runs[shown[0]]
+                    p, last = r.progress, r.metrics[-1]
+                    if p.count:
+                        bar.set_postfix(loss=f"{p.loss_sum / p.count:.3f}", acc=f"{p.correct / p.count:.3f}",
+                                        test_acc=f"{last['test_acc']:.3f}", refresh=False)
+                stopping = stop_requested() or (stop_after_steps is not None and steps >= stop_after_steps)
+                if stopping or samples // lead.checkpoint_every > before // lead.checkpoint_every:
+                    t0 = add_elapsed()
+                    sync_weights()
+                    save([runs[i] for i in active()])
+                if stopping and samples < total:
+                    for i in active():
+                        status[i] = "interrupted" if stop_requested() else "stopped"
+                    break
+    except KeyboardInterrupt:
+        t0 = add_elapsed()
+        for i in active():
+            status[i] = "interrupted"
+        print(f"\ninterrupted; the last checkpoint in {', '.join(str(runs[i].run_dir) for i in active())} may be behind",
+              file=sys.stderr)
+    add_elapsed()
+    completed = [runs[i] for i in range(len(runs)) if status[i] == "completed"]
+    if completed:
+        sync_weights()
+        save(completed)
+    return status
 
 
 def run_experiment(config: ExperimentConfig, run_dir: Path | str, *, resume: bool = False, overwrite: bool = False,
