@@ -10,6 +10,7 @@ from .api import build_simulator, stage_param_groups, train
 from .methods import Method, available_methods, get_method, register_method
 from .optim import PipelineOptimizer, PipelineSGD
 from .partition import Partition, Stage, partition
+from .regime_warnings import LWPRegimeWarning
 from .schedule import stage_delay, stage_delays
 from .simulator import DivergenceError, PipelineSimulator
 
@@ -32,4 +33,5 @@ __all__ = [
     "stage_delays",
     "PipelineSimulator",
     "DivergenceError",
+    "LWPRegimeWarning",
 ]

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .methods import get_method
 from .partition import Granularity, Partition, partition as make_partition
+from .regime_warnings import warn_if_lwp_overshoots
 from .simulator import PipelineSimulator
 
 __all__ = ["stage_param_groups", "build_simulator", "train"]
@@ -43,6 +44,7 @@ def build_simulator(
     delays = part.delays if spec.pipelined else [0] * len(part)
     kwargs = {**spec.options, **options}
     optimizer = spec.optimizer(stage_param_groups(part.stages, delays), lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
+    warn_if_lwp_overshoots(optimizer.param_groups)
     return PipelineSimulator(part.stages, optimizer, loss_fn, weight_mode=spec.weight_mode)
 
 
