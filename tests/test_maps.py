@@ -95,7 +95,7 @@ def test_regime_cells_compare_with_sgd_of_the_same_rule_and_lr() -> None:
         {"rule": "linear", "lr": 0.2, "delay_offset": 50, "method": "pb+sc+lwp", "runs": [run(0.5, delay=60), run(0.7, delay=60)]},
     ]
     rows = {r["method"]: r for r in summarize_cells(cells)}
-    assert rows["pb"]["acc_mean"] == pytest.approx(30.0) and rows["pb"]["diverged"] == 1  # diverged = 0 %
+    assert rows["pb"]["acc_mean"] == pytest.approx(30.0) and rows["pb"]["diverged"] == 1  # no final accuracy = 0 %
     assert rows["pb"]["delta_vs_sgd"] == pytest.approx(30.0 - 85.0)
     assert rows["pb+sc+lwp"]["delta_vs_sgd"] == pytest.approx(60.0 - 85.0)
     assert rows["pb+sc+lwp"]["d_one_minus_m"] == pytest.approx(6.0)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .checkpoint import atomic_write_text
-from .compare import run_sweep
+from .compare import run_sweep, sweep_dirs
 from .config import ExperimentConfig
 
 __all__ = ["regime_map", "write_regime_report", "REGIME_METHODS"]
@@ -60,7 +60,8 @@ def regime_map(
             for k, offset in enumerate(offsets):
                 entries = list(methods) + ([CONTROL] if k == 0 else [])
                 echo(f"rule={rule} lr={lr:g} delay_offset={offset}: {', '.join(entries)}")
-                summaries, _ = run_sweep(base.replace(delay_offset=offset), _cell_dir(out_dir, rule, lr, offset),
+                cell_dir = _cell_dir(out_dir, rule, lr, offset)
+                summaries, _ = run_sweep(base.replace(delay_offset=offset), cell_dir,
                                          methods=entries, seeds=list(seeds), show_progress=show_progress, echo=echo)
                 if any(s.get("status") == "interrupted" for s in summaries):
                     raise KeyboardInterrupt
@@ -68,6 +69,7 @@ def regime_map(
                     runs = summaries[i * len(seeds):(i + 1) * len(seeds)]
                     cells.append({"rule": rule, "lr": lr, "delay_offset": offset if entry != CONTROL else 0,
                                   "method": entry, "runs": runs,
+                                  "dirs": [d for *_, d in sweep_dirs(base, cell_dir, [entry], list(seeds))],
                                   "lwp_mode": config.method_options.get("lwp_mode", "linear")})
     return cells
 
@@ -86,7 +88,8 @@ def summarize_cells(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     control = {(c["rule"], c["lr"]): c for c in cells if c["method"] == CONTROL}
     rows = []
     for c in cells:
-        accs = [100 * (s.get("final_test_acc") or 0.0) for s in c["runs"]]  # a diverged run counts as 0 %
+        # a diverged run keeps its last evaluated accuracy (near chance) and is counted in "diverged"
+        accs = [100 * (s.get("final_test_acc") or 0.0) for s in c["runs"]]
         mean, std = _mean_std(accs)
         ref = control.get((c["rule"], c["lr"]))
         ref_mean = _mean_std([100 * (s.get("final_test_acc") or 0.0) for s in ref["runs"]])[0] if ref else None
@@ -115,7 +118,11 @@ def write_regime_report(cells: Sequence[dict[str, Any]], out_dir: Path | str, *,
     rows = summarize_cells(cells)
     paths = {"json": out_dir / "regime.json", "csv": out_dir / "regime.csv", "table": out_dir / "regime.md",
              "plot": out_dir / "regime.png"}
-    atomic_write_text(paths["json"], json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    keep = ("method", "seed", "status", "final_test_acc", "best_test_acc", "final_train_loss", "diverged_at", "max_delay",
+            "lr", "momentum", "samples", "wall_seconds")
+    runs = [{"rule": c["rule"], "ref_lr": c["lr"], "delay_offset": c["delay_offset"], **{k: s.get(k) for k in keep}}
+            for c in cells for s in c["runs"]]
+    atomic_write_text(paths["json"], json.dumps({"title": title, "rows": rows, "runs": runs}, indent=2) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -134,7 +141,26 @@ def write_regime_report(cells: Sequence[dict[str, Any]], out_dir: Path | str, *,
                      f"{r['method']} | {acc}{div} | {delta} | {gain} |")
     atomic_write_text(paths["table"], "\n".join(lines) + "\n")
     _heatmap(rows, paths["plot"], title)
+    curves = _learning_curves(cells, out_dir / "regime-curves.png", title)
+    if curves is not None:
+        paths["curves"] = curves
     return paths
+
+
+def _learning_curves(cells: Sequence[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
+    """Test accuracy against samples (mean over seeds) of every cell at the largest delay, and of sgd (b=1)."""
+    from .plots import plot_comparison
+    from .report import load_run
+
+    deepest = max((c["delay_offset"] for c in cells), default=0)
+    runs = {}
+    for c in cells:
+        if (c["method"] == CONTROL or c["delay_offset"] == deepest) and c.get("dirs"):
+            label = f"{c['method']} {c['rule']} lr {c['lr']:g}" + ("" if c["method"] == CONTROL else f" +{deepest}")
+            runs[label] = [load_run(d).metrics for d in c["dirs"] if (Path(d) / "summary.json").is_file()]
+    if not runs:
+        return None
+    return plot_comparison(runs, path, title=f"{title}: sgd (b=1) and the deepest pipeline (delay_offset {deepest})")
 
 
 def _heatmap(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
