@@ -193,7 +193,7 @@ def _heatmap(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
             ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs], fontsize=8)
             ax.set_yticks(range(len(delays)), [str(d) for d in delays], fontsize=8)
             m = next((r["momentum_b"] for r in rows if r["rule"] == rule), 0.0)
-            ax.set_title(f"{method}, {rule} rule (m={m:.4g})", fontsize=8)
+            ax.set_title(f"{method}\n{rule} rule, m={m:.4g}", fontsize=8)
             if j == 0:
                 ax.set_ylabel("max delay D")
             if i == len(rules) - 1:
