@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def test_real_search_brackets_divergence_and_writes_the_report(tmp_path: Path) -
     paths = stab.write_stability_report(results, tmp_path, title="tiny", samples=60, threshold=10.0)
     table = paths["table"].read_text()
     assert "| pb | 0.01 | 10000 | 1.00 |" in table and paths["plot"].is_file()
+    assert all(row["train_loss_at_max_stable"] is not None for row in json.loads(paths["json"].read_text())["rows"])
 
 
 def test_quadratic_prediction_matches_closed_forms() -> None:

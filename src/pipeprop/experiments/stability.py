@@ -217,6 +217,7 @@ def write_stability_report(results: Sequence[StabilityResult], out_dir: Path | s
             "predicted_ratio_to_pb": _ratio_of(predicted.get(r.method), predicted.get("pb")),
             "max_delay": r.max_delay,
             "momentum_b": r.momentum_scaled,
+            "train_loss_at_max_stable": next((p.final_train_loss for p in r.points if p.lr == r.max_stable_lr), None),
             "runs": len(r.points),
         })
     data = {"title": title, "samples": samples, "threshold": threshold, "max_delay": delay, "momentum_b": momentum,
@@ -234,13 +235,14 @@ def write_stability_report(results: Sequence[StabilityResult], out_dir: Path | s
         f"{title}: {samples} samples per run, constant lr, diverged = NaN/inf or running train loss > {threshold:g}; "
         f"b=1 momentum {momentum:.5f}, max delay {delay}",
         "",
-        "| method | largest stable ref. lr | smallest diverged ref. lr | ÷ sgd (b=1) | quadratic ÷ sgd | ÷ pb | quadratic ÷ pb | runs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | largest stable ref. lr | smallest diverged ref. lr | ÷ sgd (b=1) | quadratic ÷ sgd | ÷ pb | quadratic ÷ pb | final train loss there | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(f"| {row['method']} | {fmt(row['max_stable_lr'])} | {fmt(row['min_diverged_lr'])} | "
                      f"{fmt(row['ratio_to_sgd'], '{:.2f}')} | {fmt(row['predicted_ratio_to_sgd'], '{:.2g}')} | "
-                     f"{fmt(row['ratio_to_pb'], '{:.2f}')} | {fmt(row['predicted_ratio_to_pb'], '{:.2f}')} | {row['runs']} |")
+                     f"{fmt(row['ratio_to_pb'], '{:.2f}')} | {fmt(row['predicted_ratio_to_pb'], '{:.2f}')} | "
+                     f"{fmt(row['train_loss_at_max_stable'], '{:.3f}')} | {row['runs']} |")
     atomic_write_text(paths["table"], "\n".join(lines) + "\n")
     _plot(results, rows, paths["plot"], title)
     return paths
