@@ -238,10 +238,14 @@ def write_stability_report(results: Sequence[StabilityResult], out_dir: Path | s
         "| method | largest stable ref. lr | smallest diverged ref. lr | ÷ sgd (b=1) | quadratic ÷ sgd | ÷ pb | quadratic ÷ pb | final train loss there | runs |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    censored = {row["method"] for row in rows if row["min_diverged_lr"] is None}  # stable up to the grid's top
     for row in rows:
-        lines.append(f"| {row['method']} | {fmt(row['max_stable_lr'])} | {fmt(row['min_diverged_lr'])} | "
-                     f"{fmt(row['ratio_to_sgd'], '{:.2f}')} | {fmt(row['predicted_ratio_to_sgd'], '{:.2g}')} | "
-                     f"{fmt(row['ratio_to_pb'], '{:.2f}')} | {fmt(row['predicted_ratio_to_pb'], '{:.2f}')} | "
+        top = "≥ " if row["method"] in censored else ""
+        vs_sgd = "≤ " if "sgd" in censored and row["method"] != "sgd" else ""
+        vs_pb = ("≥ " if row["method"] in censored else "") if "pb" not in censored else ""
+        lines.append(f"| {row['method']} | {top}{fmt(row['max_stable_lr'])} | {fmt(row['min_diverged_lr'])} | "
+                     f"{vs_sgd}{fmt(row['ratio_to_sgd'], '{:.2f}')} | {fmt(row['predicted_ratio_to_sgd'], '{:.2g}')} | "
+                     f"{vs_pb}{fmt(row['ratio_to_pb'], '{:.2f}')} | {fmt(row['predicted_ratio_to_pb'], '{:.2f}')} | "
                      f"{fmt(row['train_loss_at_max_stable'], '{:.3f}')} | {row['runs']} |")
     atomic_write_text(paths["table"], "\n".join(lines) + "\n")
     _plot(results, rows, paths["plot"], title)
