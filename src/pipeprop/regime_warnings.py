@@ -59,7 +59,7 @@ def warn_if_lwp_overshoots(param_groups: Iterable[Mapping[str, Any]], *, stackle
     limit = SC_LWP_LIMIT if sc else LWP_LIMIT
     warnings.warn(
         f"Linear Weight Prediction over {horizon} steps with momentum {momentum:g}: horizon x (1 - momentum) = "
-        f"{product:.2f} >= {limit:g}, so the prediction over-shoots and {'pb+sc+lwp' if sc else 'pb+lwp'} is expected "
+        f"{product:.2f} >= {limit:g}, so the prediction over-shoots and {'SC + linear LWP' if sc else 'linear LWP'} is expected "
         "to be less stable than plain pb (docs/analysis.md, docs/results.md). Use lwp_mode='momentum-decay', or "
         "scale the recipe to this batch size with the momentum-preserving rule (`pipeprop scale`), which keeps "
         "1/(1 - momentum) above the delay. Silence: warnings.simplefilter('ignore', pipeprop.LWPRegimeWarning).",
