@@ -241,11 +241,9 @@ def write_stability_report(results: Sequence[StabilityResult], out_dir: Path | s
     censored = {row["method"] for row in rows if row["min_diverged_lr"] is None}  # stable up to the grid's top
     for row in rows:
         top = "≥ " if row["method"] in censored else ""
-        vs_sgd = "≤ " if "sgd" in censored and row["method"] != "sgd" else ""
-        vs_pb = ("≥ " if row["method"] in censored else "") if "pb" not in censored else ""
         lines.append(f"| {row['method']} | {top}{fmt(row['max_stable_lr'])} | {fmt(row['min_diverged_lr'])} | "
-                     f"{vs_sgd}{fmt(row['ratio_to_sgd'], '{:.2f}')} | {fmt(row['predicted_ratio_to_sgd'], '{:.2g}')} | "
-                     f"{vs_pb}{fmt(row['ratio_to_pb'], '{:.2f}')} | {fmt(row['predicted_ratio_to_pb'], '{:.2f}')} | "
+                     f"{_bounded(row, 'sgd', censored, 'ratio_to_sgd')} | {fmt(row['predicted_ratio_to_sgd'], '{:.2g}')} | "
+                     f"{_bounded(row, 'pb', censored, 'ratio_to_pb')} | {fmt(row['predicted_ratio_to_pb'], '{:.2f}')} | "
                      f"{fmt(row['train_loss_at_max_stable'], '{:.3f}')} | {row['runs']} |")
     atomic_write_text(paths["table"], "\n".join(lines) + "\n")
     _plot(results, rows, paths["plot"], title)
@@ -257,6 +255,19 @@ def _ratio(r: StabilityResult, reference: Optional[StabilityResult]) -> Optional
     if reference is None or not reference.max_stable_lr or not r.max_stable_lr:
         return None
     return r.max_stable_lr / reference.max_stable_lr
+
+
+def _bounded(row: dict[str, Any], reference: str, censored: set[str], key: str) -> str:
+    """A measured ratio with its direction when a threshold lies above the grid ("≥", "≤"; "?" if both do)."""
+    value = row[key]
+    if value is None:
+        return "—"
+    if row["method"] == reference:
+        return f"{value:.2f}"
+    mine, theirs = row["method"] in censored, reference in censored and row["method"] != reference
+    if mine and theirs:
+        return "?"
+    return ("≥ " if mine else "≤ " if theirs else "") + f"{value:.2f}"
 
 
 def _ratio_of(a: Optional[float], b: Optional[float]) -> Optional[float]:
