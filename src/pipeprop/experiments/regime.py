@@ -190,13 +190,14 @@ def _heatmap(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
             for (y, x), v in np.ndenumerate(grid):
                 if np.isfinite(v):
                     ax.text(x, y, f"{v:+.0f}", ha="center", va="center", fontsize=8)
-            ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs], fontsize=8)
+            bottom = i == len(rules) - 1
+            ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs] if bottom else [""] * len(lrs), fontsize=8)
             ax.set_yticks(range(len(delays)), [str(d) for d in delays], fontsize=8)
             m = next((r["momentum_b"] for r in rows if r["rule"] == rule), 0.0)
             ax.set_title(f"{method}\n{rule} rule, m={m:.4g}", fontsize=8)
             if j == 0:
                 ax.set_ylabel("max delay D")
-            if i == len(rules) - 1:
+            if bottom:
                 ax.set_xlabel("reference lr")
     fig.colorbar(image, ax=axes, shrink=0.8, label="final test acc − sgd (b=1), points")
     fig.suptitle(title, fontsize=10)
