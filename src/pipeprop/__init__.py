@@ -12,6 +12,7 @@ from .methods import Method, available_methods, available_optimizers, get_method
 from .multi_run import build_multi_simulator, train_many
 from .optim import PipelineAdam, PipelineOptimizer, PipelineSGD
 from .partition import Partition, Stage, partition
+from .regime_warnings import LWPRegimeWarning
 from .schedule import stage_delay, stage_delays
 from .simulator import DivergenceError, PipelineSimulator
 
@@ -38,4 +39,5 @@ __all__ = [
     "stage_delays",
     "PipelineSimulator",
     "DivergenceError",
+    "LWPRegimeWarning",
 ]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .methods import get_method
 from .partition import Granularity, Partition, partition as make_partition
 from .precision import check_precision, prepare_model
+from .regime_warnings import warn_if_lwp_overshoots
 from .simulator import PipelineSimulator
 
 __all__ = ["stage_param_groups", "build_simulator", "train"]
@@ -87,6 +88,7 @@ def build_simulator(
         stage_param_groups(part.stages, delays), optimizer=optimizer, lr=lr, momentum=momentum, betas=betas, eps=eps,
         weight_decay=weight_decay, **options,
     )
+    warn_if_lwp_overshoots(opt.param_groups)
     return PipelineSimulator(part.stages, opt, loss_fn, weight_mode=spec.weight_mode, precision=precision, compile=compile)
 
 

@@ -17,8 +17,10 @@ COMMANDS: dict[str, str] = {
     "methods": "pipeprop.cli.methods_cmd:methods",
     "compare": "pipeprop.cli.compare:compare",
     "report": "pipeprop.cli.report:report",
+    "regime": "pipeprop.cli.regime:regime",
     "reproduce": "pipeprop.cli.reproduce:reproduce",
     "scale": "pipeprop.cli.scale:scale",
+    "stability": "pipeprop.cli.stability:stability",
     "train": "pipeprop.cli.train:train",
     "partition": "pipeprop.cli.partition_cmd:partition_cmd",
 }
