@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--method", default="pb+sc+lwp")
     ap.add_argument("--lr", type=float, default=0.003)
     ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--data", default="/work/shared/data/tinyshakespeare/input.txt")
+    ap.add_argument("--data", default="../shared/data/tinyshakespeare/input.txt")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = GPT(GPTConfig())

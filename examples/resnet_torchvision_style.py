@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--data-dir", default="/work/shared/data")
+    ap.add_argument("--data-dir", default="../shared/data")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = resnet18(width=args.width)
