@@ -340,8 +340,15 @@ class PipelineSimulator:
                 ) from err
         return out
 
-    def _bind_weights(self, n: int) -> tuple[Optional[SavedWeightRebinder], Callable[[int, Any], Any]]:
-        """The forward weights of micro-batch ``n`` per stage, and what each saved weight resolves to at backward."""
+    def _bind_weights(
+        self, n: int
+    ) -> tuple[Optional[SavedWeightRebinder], Callable[[int, Any], Any], Optional[tuple[list[Tensor], list[Tensor]]]]:
+        """The forward weights of micro-batch ``n`` per stage, and what each saved weight resolves to at backward.
+
+        Returns the rebinder, the context to enter around each stage, and — where no stage needs a context of
+        its own (no derived-weight tracking, no weight read by two stages, no autocast) — the swap of every
+        stage's weights at once, ``(params, tensors)``, to enter once around the whole forward instead.
+        """
         opt = self.optimizer
         # weight stashing rebinds too: autograd saves a parameter itself, whose data is live again at backward
         rebind = self.weight_mode == "pb" or self._overrides_backward
@@ -373,6 +380,10 @@ class PipelineSimulator:
             swaps.append((params, tensors))
         autocast_params = self._all_params
         precision = self.precision
+        tracks = binder is not None and rebind and any(t is not False for t in self._track)
+        whole = None
+        if not tracks and not any(self._readers) and precision in ("32", "64"):
+            whole = ([p for ps, _ in swaps for p in ps], [t for _, ts in swaps for t in ts])
 
         @contextmanager
         def stage_context(s: int, inp: Any):
@@ -387,7 +398,7 @@ class PipelineSimulator:
                     stack.enter_context(tracker)
                 yield
 
-        return binder, stage_context
+        return binder, stage_context, whole
 
     def step(self, x: Any, y: Any, *, sync: bool = True) -> Any:
         """Push micro-batch ``(x, y)`` through the pipeline; returns its loss (from stale forward weights).
@@ -404,11 +415,16 @@ class PipelineSimulator:
             x = model_inputs(x, y, self._target_keyword)
         if self.precision == "64":
             x = cast_input(x, torch.float64)
-        binder, stage_context = self._bind_weights(n)
+        binder, stage_context, whole = self._bind_weights(n)
         with ExitStack() as stack:
             if binder is not None:
                 stack.enter_context(binder.hooks())
-            output = self.forward(x, stage_context)
+            if whole is None:
+                output = self.forward(x, stage_context)
+            else:  # one swap for all stages: the same weights, less per-stage overhead
+                if whole[0]:
+                    stack.enter_context(swapped_weights(*whole))
+                output = self.forward(x)
             with autocast(self.precision, self._all_params):
                 loss = self.loss_fn(output, y)
         if binder is not None and any(t is None for t in self._track):
