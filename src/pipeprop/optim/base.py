@@ -17,7 +17,7 @@ also work (they edit ``group["lr"]``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -102,6 +102,72 @@ class PipelineOptimizer(torch.optim.Optimizer):
 
     def stage_delay(self, group: dict[str, Any]) -> int:
         return int(group.get("delay", 0))
+
+    def _apply_update(
+        self, params: list[Tensor], terms: list[tuple[list[Tensor], float]], lr: Any, decoupled_wd: float
+    ) -> None:
+        """``w ← w (1 − η λ) − η Σ c_j t_j``, in place or, under :attr:`keep_previous_weights`, into new tensors
+        (or the engine's :attr:`spare_weights`)."""
+        (first, c0), *rest = terms
+        if not self.keep_previous_weights:
+            if decoupled_wd != 0.0:
+                mul_scaled(params, 1.0 - lr * decoupled_wd, inplace=True)
+            new = add_scaled(params, first, -lr * c0, inplace=True)
+        else:
+            base = mul_scaled(params, 1.0 - lr * decoupled_wd) if decoupled_wd != 0.0 else params
+            spare = self.spare_weights
+            out = [spare.pop(p, None) for p in params] if spare else None
+            new = add_scaled(base, first, -lr * c0, out=out)
+        for t, c in rest:
+            add_scaled(new, t, -lr * c, inplace=True)
+        if self.keep_previous_weights:
+            for p, w in zip(params, new):
+                p.data = w
+
+
+Scale = Union[float, Tensor]
+
+
+def _run_views(scale: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """``scale`` (one entry per run) shaped to broadcast over each ``[K, ...]`` tensor."""
+    return [scale.view(-1, *([1] * (t.dim() - 1))) for t in tensors]
+
+
+def add_scaled(
+    base: list[Tensor], tensors: list[Tensor], scale: Scale, *, inplace: bool = False,
+    out: Optional[Sequence[Optional[Tensor]]] = None,
+) -> list[Tensor]:
+    """``base + scale * tensors``; ``scale`` is a number or a vector with one entry per run (dimension 0).
+
+    The result goes into new tensors, into ``base`` (``inplace``) or into ``out`` (entries ``None``: new).
+    """
+    if isinstance(scale, Tensor):  # base + tensors * scale[k] for run k, in one pass
+        views = _run_views(scale, tensors)
+        if inplace:
+            torch._foreach_addcmul_(base, tensors, views)
+            return base
+        if out is not None:
+            return [torch.addcmul(b, t, v) if o is None else torch.addcmul(b, t, v, out=o)
+                    for o, b, t, v in zip(out, base, tensors, views)]
+        return list(torch._foreach_addcmul(base, tensors, views))
+    if inplace:
+        torch._foreach_add_(base, tensors, alpha=scale)
+        return base
+    if out is not None:
+        return [
+            torch.add(b, t, alpha=scale) if o is None else torch.add(b, t, alpha=scale, out=o)
+            for o, b, t in zip(out, base, tensors)
+        ]
+    return list(torch._foreach_add(base, tensors, alpha=scale))
+
+
+def mul_scaled(tensors: list[Tensor], scale: Scale, *, inplace: bool = False) -> list[Tensor]:
+    """``scale * tensors``; ``scale`` is a number or a vector with one entry per run (dimension 0)."""
+    factor: Any = _run_views(scale, tensors) if isinstance(scale, Tensor) else scale
+    if inplace:
+        torch._foreach_mul_(tensors, factor)
+        return tensors
+    return list(torch._foreach_mul(tensors, factor))
 
 
 def _count_updates(optimizer: PipelineOptimizer, args: Any, kwargs: Any) -> None:

@@ -354,15 +354,4 @@ class PipelineAdam(PipelineOptimizer):
         update = adam_update_directions if group["foreach"] else adam_update_directions_single
         directions = update(grads, exp_avgs, exp_avg_sqs, step=t, beta1=beta1, beta2=beta2, eps=eps,
                             variant=group["variant"], sc_a=sc_a, **nadam)
-        self._apply_update(params, directions, lr, wd if decoupled else 0.0)
-
-    def _apply_update(self, params: list[Tensor], direction: list[Tensor], lr: float, decoupled_wd: float) -> None:
-        """``w ← w (1 − η λ) − η u``, in place or, under :attr:`keep_previous_weights`, into new tensors."""
-        if not self.keep_previous_weights:
-            if decoupled_wd != 0.0:
-                torch._foreach_mul_(params, 1.0 - lr * decoupled_wd)
-            torch._foreach_add_(params, direction, alpha=-lr)
-            return
-        base = torch._foreach_mul(params, 1.0 - lr * decoupled_wd) if decoupled_wd != 0.0 else params
-        for p, new in zip(params, torch._foreach_add(base, direction, alpha=-lr)):
-            p.data = new
+        self._apply_update(params, [(directions, 1.0)], lr, wd if decoupled else 0.0)
