@@ -162,11 +162,14 @@ def format_loss_table(rows: Sequence[dict[str, Any]]) -> str:
             + f"{_pm(r['best_test_loss_mean'], r['best_test_loss_std'], n, 1, 3)} | "
             f"{_pm(r['final_train_loss_mean'], r['final_train_loss_std'], n, 1, 3)} |"
         )
-    baselines = {(r["experiment"], r["baseline_test_loss"]) for r in rows if r.get("baseline_test_loss") is not None}
-    notes = [f"\nLower is better. Predicting only the training split's character frequencies scores "
-             f"{loss:.3f} nats/char ({loss / math.log(2):.3f} bits/char) on {name}'s validation windows."
-             for name, loss in sorted(baselines)]
-    return "\n".join(lines) + "\n" + "".join(n + "\n" for n in notes)
+    baselines: dict[float, list[str]] = {}
+    for r in rows:
+        if r.get("baseline_test_loss") is not None and r["experiment"] not in baselines.get(r["baseline_test_loss"], []):
+            baselines.setdefault(r["baseline_test_loss"], []).append(r["experiment"])
+    notes = [f"Predicting only the training split's character frequencies scores {loss:.3f} nats/char "
+             f"({loss / math.log(2):.3f} bits/char) on the validation windows of {', '.join(names)}."
+             for loss, names in sorted(baselines.items())]
+    return "\n".join(lines) + "\n\nLower is better." + "".join(" " + n for n in notes) + "\n"
 
 
 def write_report(root: Path | str, runs: Optional[Sequence[RunRecord]] = None, *, out: Optional[Path | str] = None,
