@@ -178,6 +178,8 @@ def test_bad_lm_configs_are_clear_errors(text_dir: Path) -> None:
         ExperimentConfig(dataset="digits", context=16)
     with pytest.raises(ConfigError, match="min_lr_factor.*schedule = 'cosine'"):
         lm(text_dir, schedule="step")
+    with pytest.raises(ConfigError, match="method 'asyncpp' is defined for optimizer.*nadam only, not 'adamw'"):
+        lm(text_dir, method="asyncpp")  # found when a sweep is planned, not after its first runs
     assert lm(text_dir, metric="loss").headline_metric == "loss"
     assert ExperimentConfig(dataset="digits").headline_metric == "accuracy"
     assert ExperimentConfig(dataset="shakespeare").task == "language-modelling"

@@ -260,6 +260,9 @@ class ExperimentConfig(BaseModel):
             raise ValueError("set epochs > 0 or samples > 0")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must increase, got {self.milestones}")
+        from ..methods import get_method
+
+        get_method(self.method).optimizer_class(self.optimizer)  # a method defined for other optimizers: clear error
         if self.min_lr_factor > 0 and self.schedule != "cosine":
             raise ValueError(f"min_lr_factor = {self.min_lr_factor} is the floor of the cosine schedule; set "
                              f"schedule = 'cosine' or min_lr_factor = 0 (schedule is {self.schedule!r})")
