@@ -10,7 +10,7 @@ The data set fixes the task (:attr:`~pipeprop.experiments.config.ExperimentConfi
   ``test_subset`` fixed, non-overlapping windows of the validation text (all of them by default), with
   ``test_bpc`` (bits per character) and ``test_ppl`` (perplexity); headline metric: the loss (lower is better).
 
-The runner, the batched runs and the cost estimate use these objects; nothing else looks at the task.
+The builders (:mod:`.builders`), the runner and the batched runs use these objects.
 """
 
 from __future__ import annotations
