@@ -209,3 +209,21 @@ def test_shakespeare_configs_are_named_experiments_with_cost() -> None:
     paper = estimate_cost(load_config("shakespeare-gpt"))
     assert paper.macs_per_sample and paper.stages == 26  # 6 blocks x 4 + embedding + head
     assert "asyncpp" in load_config("shakespeare-gpt-asyncpp").methods
+
+
+def test_batched_lm_runs_equal_runs_done_one_by_one(text_dir: Path, tmp_path: Path) -> None:
+    from pipeprop.experiments.run_group import RunGroup
+
+    configs = [lm(text_dir, optimizer="sgd", betas=None, momentum=0.9, lr=0.05, weight_decay=0.0, seed=s, samples=20)
+               for s in (0, 1)]
+    dirs = [tmp_path / f"group{k}" for k in range(2)]
+    summaries = RunGroup(configs, dirs).setup().run()
+    for cfg, run_dir, summary in zip(configs, dirs, summaries):
+        alone = run_experiment(cfg, tmp_path / f"alone{cfg.seed}")
+        assert summary["status"] == alone["status"] == "completed"
+        assert summary["final_test_loss"] == pytest.approx(alone["final_test_loss"], abs=1e-9)
+        a = load_checkpoint(run_dir / "checkpoint.pt")["model"]
+        b = load_checkpoint(tmp_path / f"alone{cfg.seed}" / "checkpoint.pt")["model"]
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-9)
+    assert summaries[0]["final_test_loss"] != summaries[1]["final_test_loss"]  # two seeds, two runs

@@ -50,8 +50,6 @@ def why_not_batched(config: ExperimentConfig) -> Optional[str]:
         return f"optimizer {config.optimizer!r}: train_many supports the SGD-family update only"
     if config.precision != "32":
         return f"precision {config.precision!r}: batched runs use precision '32' (set the dtype with --dtype)"
-    if config.task != "classification":
-        return f"task {config.task!r}: batched runs train classifiers only"
     return None
 
 

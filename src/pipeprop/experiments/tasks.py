@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..data import ImageDataset, MicroBatchStream, SequenceStream, TextDataset
 
 __all__ = ["Task", "Classification", "LanguageModelling", "task_of", "evaluate", "evaluate_lm", "unigram_loss",
-           "TrackedCrossEntropy", "StackedTrackedCrossEntropy", "TrackedLMLoss"]
+           "TrackedCrossEntropy", "StackedTrackedCrossEntropy", "TrackedLMLoss", "StackedLMLoss"]
 
 
 @torch.no_grad()
@@ -112,6 +112,22 @@ class TrackedLMLoss:
         from ..models.gpt import lm_loss
 
         return lm_loss(logits, targets)
+
+
+class StackedLMLoss:
+    """:class:`TrackedLMLoss` of K stacked runs: logits ``[K, b, T, V]``, targets ``[K, b, T]`` -> K losses
+    (``correct``: K zeros)."""
+
+    def __init__(self) -> None:
+        self.correct: Optional[Tensor] = None
+
+    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
+        from torch.func import vmap
+
+        from ..models.gpt import lm_loss
+
+        self.correct = torch.zeros(logits.shape[0], dtype=torch.long)
+        return vmap(lm_loss)(logits, targets)
 
 
 class Task:
@@ -254,8 +270,8 @@ class LanguageModelling(Task):
     def loss_fn(self) -> TrackedLMLoss:
         return TrackedLMLoss()
 
-    def stacked_loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
-        raise ValueError("language-modelling runs are not batched")
+    def stacked_loss_fn(self) -> StackedLMLoss:
+        return StackedLMLoss()
 
     def evaluate(self, model: nn.Module, data: TextDataset, config: Any, dtype: torch.dtype,
                  device: torch.device | str) -> dict[str, Optional[float]]:
