@@ -1,4 +1,5 @@
-"""Adam on the quadratic reduces to the SGD recurrence; Tiny Shakespeare loader; the char-level GPT pipeline."""
+"""Adam on the quadratic reduces to the SGD recurrence; Tiny Shakespeare loader; the char-level GPT pipeline
+(language-model runs through the run driver: tests/test_lm_runner.py)."""
 
 from __future__ import annotations
 
@@ -82,25 +83,3 @@ def test_char_gpt_is_a_fine_grained_causal_pipeline():
         assert loss == pytest.approx(want.item(), rel=1e-10)
     losses = pipeprop.train(model, [(xs, ys)] * 3, lm_loss, method="pb+sc+lwp", optimizer="adamw", lr=1e-3)
     assert all(math.isfinite(v) for v in losses)
-
-
-def test_lm_configs_load_and_a_tiny_sweep_reports(shared_data, tmp_path):
-    from pathlib import Path
-
-    from pipeprop.experiments.lm import LMConfig, load_lm_config, plot_sweep, summarize, sweep
-
-    root = Path(__file__).resolve().parents[1] / "configs" / "lm"
-    for name in ("shakespeare-gpt-budget", "shakespeare-gpt"):
-        cfg = load_lm_config(root / f"{name}.toml")
-        assert {"adamw", "sgd"} <= set(cfg.optimizers) and len(cfg.seeds) >= 3 and "pb+sc+lwp" in cfg.methods
-    with pytest.raises(ValueError, match="unknown keys"):
-        load_lm_config(root / "shakespeare-gpt-budget.toml", bogus=1)
-    cfg = LMConfig(data_dir=str(shared_data), context=16, d_model=16, n_layers=4, n_heads=2, steps=4, warmup_steps=1,
-                   eval_every=2, eval_windows=4, methods=["sgd", "pb+sc+lwp", "asyncpp"], seeds=[0],
-                   optimizers={"adamw": {"lr": 1e-3}, "sgd": {"lr": 0.01, "momentum": 0.9}})
-    records = sweep(cfg, tmp_path, progress=False)
-    assert len(records) == 4 and all(r["status"] == "completed" and r["num_stages"] == 18 for r in records)
-    assert sweep(cfg, tmp_path, progress=False) == records  # finished runs are reused
-    table = summarize(tmp_path)
-    assert "| adamw | pb+sc+lwp | 1 |" in table and "nats/char" in table
-    assert plot_sweep(tmp_path, tmp_path / "p.png").stat().st_size > 5_000

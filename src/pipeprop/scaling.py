@@ -152,6 +152,7 @@ class ScaledRecipe:
     optimizer: str = "sgd"
     betas: Optional[tuple[float, float]] = None
     eps: Optional[float] = None
+    min_lr_factor: float = 0.0  # the cosine schedule decays to this fraction of ``lr``
 
     @property
     def steps(self) -> Optional[int]:

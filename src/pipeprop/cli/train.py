@@ -51,9 +51,10 @@ def train(config_name: Optional[str], sets: tuple[str, ...], seed: Optional[int]
 
     summary = run_experiment(cfg, run_dir, resume=resume, overwrite=overwrite)
     click.echo(json.dumps(summary, indent=2))
+    from ..experiments.compare import headline
+
     status = summary["status"]
-    acc = summary.get("final_test_acc")
-    click.echo(f"{status}: {run_dir} (final test acc {'–' if acc is None else f'{100 * acc:.2f}%'})", err=True)
+    click.echo(f"{status}: {run_dir} ({headline(summary)})", err=True)
     if status == "diverged":
         click.echo("training diverged (NaN/inf or loss above divergence_loss); see summary.json", err=True)
         sys.exit(EXIT_DIVERGED)

@@ -1,4 +1,6 @@
-"""``load_dataset(name)``: find (or download) a data set and load it into memory as uint8 tensors.
+"""``load_dataset(name)``: find (or download) a data set and load it into memory as uint8 tensors (images)
+or character ids (text, :class:`~pipeprop.data.text.TextDataset`); :func:`dataset_task` says which task a
+data set is for.
 
 Lookup order: ``data_dir``, then ``$PIPEPROP_DATA``, then the cache (``cache_dir``/``$PIPEPROP_CACHE``/
 ``~/.cache/pipeprop``), then a download into the cache (official URL, MD5 check, progress bar).
@@ -16,19 +18,35 @@ from .digits import load_digits
 from .files import CorruptDatasetError, DatasetNotFoundError, cache_dir as default_cache_dir, search_roots
 from .files import download as download_file
 from .folder import read_image_folder
+from .text import TextDataset, load_tiny_shakespeare
 from .mnist import FASHION_MNIST, IDX_FILES, MNIST, NPZ_10K, IdxLayout, find_idx_files, read_idx_dataset, read_mnist_10k
 
-__all__ = ["load_dataset", "available_datasets"]
+__all__ = ["load_dataset", "available_datasets", "dataset_task", "canonical_dataset", "CLASSIFICATION",
+           "LANGUAGE_MODELLING"]
 
 PathLike = Optional[os.PathLike | str]
 
-_DATASETS = ("digits", "mnist", "mnist-10k", "fashion-mnist", "cifar10", "cifar100", "imagenet-folder")
-_ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "fashion": "fashion-mnist", "fmnist": "fashion-mnist",
+_DATASETS = ("digits", "mnist", "mnist-10k", "fashion-mnist", "cifar10", "cifar100", "imagenet-folder", "tinyshakespeare")
+#: the data sets for character-level language modelling (the others are for image classification)
+_TEXT_DATASETS = ("tinyshakespeare",)
+CLASSIFICATION, LANGUAGE_MODELLING = "classification", "language-modelling"
+_ALIASES = {"shakespeare": "tinyshakespeare", "tiny-shakespeare": "tinyshakespeare","cifar-10": "cifar10", "cifar-100": "cifar100", "fashion": "fashion-mnist", "fmnist": "fashion-mnist",
             "imagenet": "imagenet-folder", "image-folder": "imagenet-folder", "mnist10k": "mnist-10k"}
 
 
 def available_datasets() -> list[str]:
     return list(_DATASETS)
+
+
+def canonical_dataset(name: str) -> str:
+    """``"CIFAR-10"`` -> ``"cifar10"``, ``"shakespeare"`` -> ``"tinyshakespeare"`` (unknown names unchanged)."""
+    key = str(name).strip().lower().replace("_", "-")
+    return _ALIASES.get(key, key)
+
+
+def dataset_task(name: str) -> str:
+    """``"language-modelling"`` for the text data sets, ``"classification"`` for the image data sets."""
+    return LANGUAGE_MODELLING if canonical_dataset(name) in _TEXT_DATASETS else CLASSIFICATION
 
 
 def _places(roots: list[tuple[Path, bool]]) -> str:
@@ -119,7 +137,7 @@ def load_dataset(
     download: bool = True,
     cache_dir: PathLike = None,
     **options: Any,
-) -> ImageDataset:
+) -> ImageDataset | TextDataset:
     """Load data set ``name`` into memory.
 
     Names: ``"digits"`` (embedded, 8x8), ``"mnist"``, ``"mnist-10k"``, ``"fashion-mnist"``, ``"cifar10"``,
@@ -130,11 +148,10 @@ def load_dataset(
         DatasetNotFoundError: the files are nowhere and cannot be downloaded (the message says where it looked).
         CorruptDatasetError: a file exists but is unreadable or fails the structural check.
     """
-    key = str(name).strip().lower().replace("_", "-")
-    key = _ALIASES.get(key, key)
+    key = canonical_dataset(name)
     if key not in _DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of: {', '.join(_DATASETS)}")
-    if options and key not in ("digits", "imagenet-folder"):
+    if options and key not in ("digits", "imagenet-folder", "tinyshakespeare"):
         raise TypeError(f"data set {key!r} takes no options, got {sorted(options)}")
     if key == "digits":
         return load_digits(**options)
@@ -142,6 +159,8 @@ def load_dataset(
         if data_dir is None:
             raise ValueError("imagenet-folder needs data_dir= (--data-dir): a folder with train/<class>/ and val/<class>/")
         return read_image_folder(Path(data_dir).expanduser(), **options)
+    if key == "tinyshakespeare":
+        return load_tiny_shakespeare(data_dir, cache_dir=cache_dir, **options)
     cache = default_cache_dir(cache_dir)
     roots = search_roots(data_dir, cache)
     if key == "cifar10":

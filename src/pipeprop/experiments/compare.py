@@ -12,7 +12,7 @@ from .report import load_run, write_report
 from .run_folder import check_run_folder
 from .runner import CHECKPOINT, run_experiment
 
-__all__ = ["run_sweep", "sweep_dirs", "DEFAULT_BATCH_RUNS"]
+__all__ = ["run_sweep", "sweep_dirs", "headline", "DEFAULT_BATCH_RUNS"]
 
 #: runs trained as one batched simulation by default (see docs/experiments.md, "Batched runs")
 DEFAULT_BATCH_RUNS = 8
@@ -137,5 +137,15 @@ def run_sweep(
 
 
 def _echo_result(echo: Callable[[str], None], entry: tuple[str, int, ExperimentConfig, Path], summary: dict[str, Any]) -> None:
+    echo(f"    {entry[0]} seed {entry[1]}: {summary['status']}: {headline(summary)}")
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """``"final test acc 91.20%"`` or, for runs compared by loss, ``"final val loss 2.617 nats/char"``."""
+    if summary.get("metric") == "loss":
+        loss = summary.get("final_test_loss")
+        lm = summary.get("task") == "language-modelling"
+        unit = " nats/char" if lm else ""
+        return f"final {'val' if lm else 'test'} loss {'–' if loss is None else f'{loss:.3f}{unit}'}"
     acc = summary.get("final_test_acc")
-    echo(f"    {entry[0]} seed {entry[1]}: {summary['status']}: final test acc {acc if acc is None else f'{100 * acc:.2f}%'}")
+    return f"final test acc {'–' if acc is None else f'{100 * acc:.2f}%'}"

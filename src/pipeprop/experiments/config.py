@@ -6,6 +6,11 @@ recipe at batch size ``batch_size`` that the scaling rule turns into the recipe 
 ``methods`` and ``seeds`` list what ``compare``/``reproduce`` sweep over. TOML tables (``[model]``,
 ``[recipe]`` ...) may be used to group keys; they are flattened, so ``[recipe] lr = 0.1`` is ``lr = 0.1``.
 
+The data set decides the task (:attr:`ExperimentConfig.task`): image classification (metric: test
+accuracy) or character-level language modelling (``dataset = "tinyshakespeare"``; one sample is one
+sequence of ``context`` characters, the metric is the validation loss in nats per character, reported
+with bits per character and perplexity; lower is better).
+
 Every value is checked when a config is built, whatever its source (TOML, ``--set``, command-line options
 or ``ExperimentConfig(...)`` in Python): a wrong key, type or range raises :class:`ConfigError`, whose
 message names the key, the value and what is allowed.
@@ -37,6 +42,7 @@ __all__ = [
     "method_entry",
     "DEFAULT_METHODS",
     "RUN_CONTROL_KEYS",
+    "DEFAULT_CONTEXT",
 ]
 
 DEFAULT_METHODS = ("sgd", "pb", "pb+sc", "pb+lwp", "pb+sc+lwp")
@@ -48,6 +54,13 @@ RUN_CONTROL_KEYS = frozenset(
 )
 
 ASSIGNMENT_KINDS = ("flops", "params", "uniform")
+
+#: characters per sequence of a language-modelling run when ``context`` is not set
+DEFAULT_CONTEXT = 128
+
+#: keys added after runs were stored: left out of :meth:`ExperimentConfig.result_dict` (and so of the checkpoint
+#: hash) while they hold these defaults, so runs stored before the keys existed keep resuming
+_LATER_KEYS = {"metric": "auto", "context": None, "warmup_samples": None, "min_lr_factor": 0.0}
 
 
 class ConfigError(ValueError):
@@ -81,7 +94,8 @@ class ExperimentConfig(BaseModel):
     partition: Union[int, Literal["layer", "block"]] = "layer"
     delay_offset: int = Field(0, ge=0)
     # data
-    dataset: str = "digits"
+    dataset: str = "digits"  # decides the task: image classification, or language modelling (tinyshakespeare)
+    context: Optional[int] = Field(None, ge=1)  # language modelling: characters per sequence (default DEFAULT_CONTEXT)
     data_dir: Optional[str] = None
     data_options: dict[str, Any] = Field(default_factory=dict)  # extra load_dataset keywords
     train_subset: Optional[int] = Field(None, ge=1)
@@ -106,6 +120,8 @@ class ExperimentConfig(BaseModel):
     milestones: list[float] = Field(default_factory=list)  # epochs
     gamma: float = Field(0.1, gt=0)
     warmup_epochs: float = Field(0.0, ge=0)
+    warmup_samples: Optional[int] = Field(None, ge=0)  # overrides warmup_epochs
+    min_lr_factor: float = Field(0.0, ge=0, le=1)  # cosine schedule: decay to this fraction of lr (not to 0)
     epochs: float = Field(1.0, ge=0)
     samples: Optional[int] = Field(None, ge=1)  # overrides epochs
     # engine
@@ -119,6 +135,7 @@ class ExperimentConfig(BaseModel):
     seed: int = 0
     device: str = "cpu"
     num_threads: Optional[int] = Field(None, ge=1)  # torch intra-op threads (1 is fastest for b=1 on a shared CPU)
+    metric: Literal["auto", "accuracy", "loss"] = "auto"  # headline metric; auto: accuracy or (language) loss
     eval_every: Optional[int] = Field(None, ge=1)  # samples; default: see max_evals and min_eval_every
     max_evals: int = Field(20, ge=1)  # default eval_every: at most this many evaluations per run ...
     min_eval_every: int = Field(1000, ge=1)  # ... but at least this many samples apart
@@ -243,7 +260,47 @@ class ExperimentConfig(BaseModel):
             raise ValueError("set epochs > 0 or samples > 0")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must increase, got {self.milestones}")
+        from ..methods import get_method
+
+        get_method(self.method).optimizer_class(self.optimizer)  # a method defined for other optimizers: clear error
+        if self.min_lr_factor > 0 and self.schedule != "cosine":
+            raise ValueError(f"min_lr_factor = {self.min_lr_factor} is the floor of the cosine schedule; set "
+                             f"schedule = 'cosine' or min_lr_factor = 0 (schedule is {self.schedule!r})")
+        if self.task == "language-modelling":
+            what = f"dataset {self.dataset!r} is for language modelling"
+            if self.metric == "accuracy":
+                raise ValueError(f"metric = 'accuracy': {what}, whose metric is the validation loss (nats per "
+                                 "character, also reported as bits per character and perplexity); set metric = 'auto' "
+                                 "or 'loss'")
+            if self.engine != "simulator":
+                raise ValueError(f"engine = {self.engine!r}: {what}, which the simulator engine runs; set "
+                                 "engine = 'simulator'")
+            if self.augment:
+                raise ValueError(f"augment = true: {what}; image augmentation does not apply, set augment = false")
+        elif self.context is not None:
+            raise ValueError(f"context = {self.context}: context is the sequence length of language-modelling data "
+                             f"sets, and dataset {self.dataset!r} is image classification; remove context")
         return self
+
+    # ------------------------------------------------------------------ task
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"language-modelling"``, from the data set."""
+        from ..data.registry import dataset_task
+
+        return dataset_task(self.dataset)
+
+    @property
+    def headline_metric(self) -> str:
+        """The metric runs are compared by: ``"accuracy"`` (higher is better) or ``"loss"`` (lower is better)."""
+        if self.metric != "auto":
+            return self.metric
+        return "loss" if self.task == "language-modelling" else "accuracy"
+
+    @property
+    def sequence_length(self) -> int:
+        """Characters per sequence of a language-modelling run (``context`` or :data:`DEFAULT_CONTEXT`)."""
+        return self.context if self.context is not None else DEFAULT_CONTEXT
 
     # ------------------------------------------------------------------ derived
     def total_samples(self, train_size: int) -> int:
@@ -270,6 +327,9 @@ class ExperimentConfig(BaseModel):
         )
         out = scale_recipe(recipe, self.micro_batch, self.rule)
         out.total_samples = self.total_samples(train_size)
+        if self.warmup_samples is not None:
+            out.warmup_samples = self.warmup_samples
+        out.min_lr_factor = self.min_lr_factor
         return out
 
     def eval_interval(self, total_samples: int) -> int:
@@ -295,7 +355,8 @@ class ExperimentConfig(BaseModel):
 
     def result_dict(self) -> dict[str, Any]:
         """The keys that determine the results (a run folder is reused or resumed only when these agree)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_KEYS}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in RUN_CONTROL_KEYS and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
 
     def config_hash(self) -> str:
         """SHA-256 of :meth:`result_dict` (stored in checkpoints)."""

@@ -21,6 +21,8 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int, int]] = {
     "cifar100": ((3, 32, 32), 100, 50_000),
     "imagenet": ((3, 64, 64), 1000, 1_281_167),  # image_size from data_options (loader default 64)
 }
+#: (vocabulary, training characters) of the language-modelling data sets (a sample is one sequence of ``context``)
+TEXT_SHAPES: dict[str, tuple[int, int]] = {"tinyshakespeare": (65, 1_003_854)}
 _DATASET_ALIASES = {"imagenet-folder": "imagenet", "cifar-10": "cifar10", "cifar-100": "cifar100", "fashion": "fashion-mnist",
                     "mnist-10k": "mnist"}
 
@@ -42,14 +44,15 @@ class CostEstimate:
     longest_run_seconds: Optional[float] = None
 
 
-def count_macs(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of one forward pass of one sample (torch's FLOP counter, halved)."""
+def count_macs(model: nn.Module, image_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> int:
+    """Multiply-accumulates of one forward pass of one sample of shape ``image_shape`` (for a language model:
+    ``(context,)`` with ``dtype=torch.long``), from torch's FLOP counter, halved."""
     from ..distributed.assignment import forward_flops
 
     was_training = model.training
     model.eval()
     try:
-        flops, _ = forward_flops(model, torch.zeros(1, *image_shape))
+        flops, _ = forward_flops(model, torch.zeros(1, *image_shape, dtype=dtype))
     finally:
         model.train(was_training)
     return int(flops) // 2
@@ -66,8 +69,14 @@ def estimate_cost(config: ExperimentConfig, *, with_model: bool = True) -> CostE
     Each step costs ``3 x forward FLOPs / throughput`` plus a per-stage simulator overhead; evaluation
     is ignored. A measured ``est_sample_seconds`` in the config replaces the model.
     """
+    from ..data.registry import canonical_dataset
+
     key = config.dataset.lower()
     shape, classes, train_size = DATASET_SHAPES.get(_DATASET_ALIASES.get(key, key), (None, 10, 0))
+    text = TEXT_SHAPES.get(canonical_dataset(key)) if config.task == "language-modelling" else None
+    if text is not None:
+        classes, shape = text[0], (config.sequence_length,)
+        train_size = (text[1] - 1) // config.sequence_length
     if shape is not None and "image_size" in config.data_options:
         size = int(config.data_options["image_size"])
         shape = (shape[0], size, size)
@@ -86,8 +95,12 @@ def estimate_cost(config: ExperimentConfig, *, with_model: bool = True) -> CostE
             from ..partition import partition
             from .builders import _zoo_model
 
-            model = _zoo_model(config.model, {"norm": config.norm, "num_classes": classes, "image_shape": shape}, dict(config.model_options))
-            macs = count_macs(model, shape)
+            if text is not None:
+                candidates = {"norm": config.norm, "vocab_size": classes, "context": config.sequence_length}
+            else:
+                candidates = {"norm": config.norm, "num_classes": classes, "image_shape": shape}
+            model = _zoo_model(config.model, candidates, dict(config.model_options))
+            macs = count_macs(model, shape, torch.long if text is not None else torch.float32)
             stages = len(partition(model, config.partition))
         except Exception:  # noqa: BLE001 - an estimate must never break a listing
             macs = stages = None

@@ -14,7 +14,8 @@ def lr_factor(samples: int, recipe: ScaledRecipe) -> float:
     """Multiplier of the base learning rate for the step that ends after ``samples`` samples.
 
     Linear warm-up over ``recipe.warmup_samples`` (reaching 1 at its end), then ``"step"`` (times
-    ``gamma`` at each milestone passed), ``"cosine"`` (to 0 at ``total_samples``) or ``"constant"``.
+    ``gamma`` at each milestone passed), ``"cosine"`` (to ``recipe.min_lr_factor``, default 0, at
+    ``total_samples``) or ``"constant"``.
     """
     warm = recipe.warmup_samples
     if warm > 0 and samples < warm:
@@ -27,7 +28,8 @@ def lr_factor(samples: int, recipe: ScaledRecipe) -> float:
         if total <= warm:
             return 1.0
         progress = min(1.0, max(0.0, (samples - warm) / (total - warm)))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        floor = recipe.min_lr_factor
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if recipe.schedule == "constant":
         return 1.0
     raise ValueError(f"unknown schedule {recipe.schedule!r}; choose step, cosine or constant")

@@ -1,4 +1,4 @@
-"""PNG plots of runs: loss and accuracy against samples (matplotlib, headless)."""
+"""PNG plots of runs: loss and accuracy (language models: loss only) against samples (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,22 @@ def _series(metrics: Sequence[Record], key: str) -> tuple[np.ndarray, np.ndarray
     return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
 
 
+def _has(metrics: Sequence[Record], key: str) -> bool:
+    return any(m.get(key) is not None for m in metrics)
+
+
 def plot_run(metrics: Sequence[Record], path: Path, title: str = "") -> Path:
-    """Two panels: train/test loss and train/test accuracy against samples seen."""
+    """Train/test loss and train/test accuracy against samples seen (one loss panel when there is no accuracy,
+    as for language models, whose loss is in nats per character)."""
     plt = _pyplot()
+    if not (_has(metrics, "test_acc") or _has(metrics, "train_acc")):
+        fig, ax_loss = plt.subplots(1, 1, figsize=(5.5, 3.8))
+        for key, style in (("train_loss", "-"), ("test_loss", "--")):
+            x, y = _series(metrics, key)
+            if len(x):
+                ax_loss.plot(x, y, style, marker=".", label=key.replace("test", "validation").replace("_", " "))
+        ax_loss.set_ylabel("loss (nats/char)")
+        return _save(plt, fig, (ax_loss,), path, title)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, ax, style in (
         ("train_loss", ax_loss, "-"), ("test_loss", ax_loss, "--"), ("train_acc", ax_acc, "-"), ("test_acc", ax_acc, "--")
@@ -45,11 +58,14 @@ def plot_run(metrics: Sequence[Record], path: Path, title: str = "") -> Path:
 
 
 def plot_comparison(runs: Mapping[str, Sequence[Sequence[Record]]], path: Path, title: str = "") -> Path:
-    """Test accuracy and train loss against samples, mean over seeds (shaded: min..max) per label."""
+    """Test accuracy (language models: validation loss) and train loss against samples, mean over seeds
+    (shaded: min..max) per label."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    accuracy = any(_has(m, "test_acc") for seeds in runs.values() for m in seeds)
+    headline = "test_acc" if accuracy else "test_loss"
     for label, seeds in runs.items():
-        for ax, key in zip(axes, ("test_acc", "train_loss")):
+        for ax, key in zip(axes, (headline, "train_loss")):
             curves = [_series(m, key) for m in seeds]
             curves = [c for c in curves if len(c[0])]
             if not curves:
@@ -60,7 +76,7 @@ def plot_comparison(runs: Mapping[str, Sequence[Sequence[Record]]], path: Path, 
             (line,) = ax.plot(x, ys.mean(0), label=f"{label} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-    axes[0].set_ylabel("test accuracy")
+    axes[0].set_ylabel("test accuracy" if accuracy else "validation loss (nats/char)")
     axes[1].set_ylabel("train loss (running mean)")
     axes[1].set_yscale("log")
     return _save(plt, fig, axes, path, title, legend_size=8)

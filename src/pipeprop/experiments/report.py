@@ -2,7 +2,9 @@
 
 Runs are counted by status: completed, interrupted (stopped or Ctrl-C; resumable), killed (a run folder
 with ``config.json`` but no ``summary.json``: the process died, or is still running) and diverged.
-Means and spreads are taken over the completed runs only.
+Means and spreads are taken over the completed runs only. Runs compared by accuracy (image classification)
+and runs compared by loss (language models: validation loss in nats per character, bits per character and
+perplexity, lower is better, next to the loss of predicting the character frequencies) get one table each.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,10 +99,15 @@ def aggregate(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
             "killed": sum(s == "killed" for s in status),
             "diverged": sum(s == "diverged" for s in status),
             "seeds": sorted(r.summary.get("seed") for r in members if r.summary.get("seed") is not None),
+            "task": members[0].summary.get("task", "classification"),
+            "metric": members[0].summary.get("metric", "accuracy"),
         }
-        for key in ("final_test_acc", "best_test_acc", "final_train_loss", "samples_per_second"):
+        for key in ("final_test_acc", "best_test_acc", "final_train_loss", "samples_per_second", "final_test_loss",
+                    "best_test_loss", "final_test_bpc", "final_test_ppl"):
             vals = [s[key] for s in ok if s.get(key) is not None]
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(vals)
+        baselines = {r.summary["baseline_test_loss"] for r in members if r.summary.get("baseline_test_loss") is not None}
+        row["baseline_test_loss"] = baselines.pop() if len(baselines) == 1 else None
         rows.append(row)
     return rows
 
@@ -114,7 +122,12 @@ def _pm(mean: Optional[float], std: Optional[float], n: int, scale: float = 1.0,
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table: runs per status, then final/best test accuracy (%) and final train loss as
-    mean ± std over the completed runs (the train loss is the mean over each run's final train window)."""
+    mean ± std over the completed runs (the train loss is the mean over each run's final train window).
+    Rows compared by loss (language models) go into a second table (:func:`format_loss_table`)."""
+    by_loss = [r for r in rows if r.get("metric") == "loss"]
+    rows = [r for r in rows if r.get("metric") != "loss"]
+    if not rows:
+        return format_loss_table(by_loss)
     header = ("| experiment | method | b | completed | interrupted | killed | diverged | final test acc (%) | "
               "best test acc (%) | final train loss |")
     lines = [header, "|" + "---|" * 10]
@@ -126,7 +139,37 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{_pm(r['best_test_acc_mean'], r['best_test_acc_std'], n, 100)} | "
             f"{_pm(r['final_train_loss_mean'], r['final_train_loss_std'], n, 1, 3)} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + ("\n" + format_loss_table(by_loss) if by_loss else "")
+
+
+def format_loss_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of runs compared by test loss (lower is better): final loss, bits per character and
+    perplexity (language models), best loss and final train loss, mean ± std over the completed runs; below
+    it the loss of a model that predicts only the training split's character frequencies."""
+    lm = all(r.get("task") == "language-modelling" for r in rows)
+    unit = "nats/char" if lm else "nats"
+    what = "val" if lm else "test"
+    header = (f"| experiment | method | b | completed | interrupted | killed | diverged | final {what} loss ({unit}) ↓ | "
+              + ("bits/char | perplexity | " if lm else "") + f"best {what} loss | final train loss |")
+    lines = [header, "|" + "---|" * (12 if lm else 10)]
+    for r in rows:
+        n = r["completed"]
+        lines.append(
+            f"| {r['experiment']} | {r['method']} | {r['micro_batch']} | {n} | {r['interrupted']} | {r['killed']} | "
+            f"{r['diverged']} | {_pm(r['final_test_loss_mean'], r['final_test_loss_std'], n, 1, 3)} | "
+            + (f"{_pm(r['final_test_bpc_mean'], r['final_test_bpc_std'], n, 1, 3)} | "
+               f"{_pm(r['final_test_ppl_mean'], r['final_test_ppl_std'], n, 1, 2)} | " if lm else "")
+            + f"{_pm(r['best_test_loss_mean'], r['best_test_loss_std'], n, 1, 3)} | "
+            f"{_pm(r['final_train_loss_mean'], r['final_train_loss_std'], n, 1, 3)} |"
+        )
+    baselines: dict[float, list[str]] = {}
+    for r in rows:
+        if r.get("baseline_test_loss") is not None and r["experiment"] not in baselines.get(r["baseline_test_loss"], []):
+            baselines.setdefault(r["baseline_test_loss"], []).append(r["experiment"])
+    notes = [f"Predicting only the training split's character frequencies scores {loss:.3f} nats/char "
+             f"({loss / math.log(2):.3f} bits/char) on the validation windows of {', '.join(names)}."
+             for loss, names in sorted(baselines.items())]
+    return "\n".join(lines) + "\n\nLower is better." + "".join(" " + n for n in notes) + "\n"
 
 
 def write_report(root: Path | str, runs: Optional[Sequence[RunRecord]] = None, *, out: Optional[Path | str] = None,

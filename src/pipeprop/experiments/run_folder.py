@@ -3,7 +3,8 @@
 ::
 
     config.json      the resolved config, the scaled recipe, stages and delays, versions, command
-    metrics.jsonl    one JSON record per evaluation (samples, lr, train/test loss and accuracy, time)
+    metrics.jsonl    one JSON record per evaluation (samples, lr, train/test loss and accuracy, time; language
+                     models: test loss in nats/char, test_bpc in bits/char, test_ppl perplexity, no accuracy)
     summary.json     status ("completed", "diverged", "interrupted", "stopped"), final and best numbers
     checkpoint.pt    (simulator) or checkpoint/rank<r>.pt (distributed): checksummed, written atomically
     curves.png       loss and accuracy against samples
@@ -147,10 +148,19 @@ class TrainWindow:
 def make_summary(config: ExperimentConfig, *, status: str, metrics: Sequence[dict[str, Any]], recipe: Any, samples: int,
                  steps: int, elapsed: float, delays: Sequence[int], window: TrainWindow,
                  diverged_at: Optional[int] = None, **extra: Any) -> dict[str, Any]:
-    """The ``summary.json`` of a run (the same keys for both engines)."""
-    tests = [m["test_acc"] for m in metrics if m.get("test_acc") is not None]
-    last_test = next((m for m in reversed(metrics) if m.get("test_acc") is not None), {})
+    """The ``summary.json`` of a run (the same keys for both engines).
+
+    ``metric`` is the headline metric (``"accuracy"``: higher is better, ``"loss"``: lower is better);
+    language-modelling runs add the final ``test_bpc`` and ``test_ppl`` and have no accuracies.
+    """
+    evaluated = [m for m in metrics if m.get("test_acc") is not None or m.get("test_loss") is not None]
+    tests = [m["test_acc"] for m in evaluated if m.get("test_acc") is not None]
+    losses = [m["test_loss"] for m in evaluated if m.get("test_loss") is not None]
+    last_test = evaluated[-1] if evaluated else {}
     loss, acc, n = window.value()
+    lm = config.task == "language-modelling"
+    if lm:
+        extra = {"final_test_bpc": last_test.get("test_bpc"), "final_test_ppl": last_test.get("test_ppl"), **extra}
     return {
         "name": config.name,
         "status": status,
@@ -161,6 +171,8 @@ def make_summary(config: ExperimentConfig, *, status: str, metrics: Sequence[dic
         "seed": config.seed,
         "model": config.model,
         "dataset": config.dataset,
+        "task": config.task,
+        "metric": config.headline_metric,
         "samples": samples,
         "steps": steps,
         "total_samples": recipe.total_samples,
@@ -168,10 +180,11 @@ def make_summary(config: ExperimentConfig, *, status: str, metrics: Sequence[dic
         "final_test_loss": last_test.get("test_loss"),
         "final_test_at_samples": last_test.get("samples"),
         "final_train_loss": loss,
-        "final_train_acc": acc,
+        "final_train_acc": None if lm else acc,
         "final_train_window": n,
         "best_test_acc": max(tests) if tests else None,
-        "evaluations": len(tests),
+        "best_test_loss": min(losses) if losses else None,
+        "evaluations": len(evaluated),
         "diverged_at": diverged_at,
         "wall_seconds": round(elapsed, 3),
         "samples_per_second": round(samples / elapsed, 2) if elapsed > 0 else None,

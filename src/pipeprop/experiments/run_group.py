@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..multi_run import build_multi_simulator
-from .builders import ModelFactory, StackedTrackedCrossEntropy, build_lr_schedule, optimizer_options
+from .builders import ModelFactory, build_lr_schedule, optimizer_options
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
 from .run_folder import RunDirError, claim_run_folder
@@ -108,7 +108,7 @@ class RunGroup(_StopOnSignal):
         shared = dataclasses.replace(lead.recipe, lr=0.0)
         if any(dataclasses.replace(r.recipe, lr=0.0) != shared for r in self.runs):
             raise ValueError("the scaled recipes of these runs differ in more than the learning rate")
-        self.loss_fn = StackedTrackedCrossEntropy()
+        self.loss_fn = lead.task.stacked_loss_fn()
         self.multi = build_multi_simulator(
             [r.model for r in self.runs], self.loss_fn, loss_is_stacked=True, method=cfg.method,
             lr=[r.recipe.lr for r in self.runs], weight_decay=lead.recipe.weight_decay,

@@ -3,7 +3,8 @@
 :func:`run_experiment` is the one entry point for both engines (``config.engine``): the exact simulator
 runs here in :class:`Runner`; the distributed engine runs through :mod:`pipeprop.distributed.launcher`.
 Both use the same run folder (:mod:`.run_folder`), builders (:mod:`.builders`) and checkpoint files
-(:mod:`.checkpoint`).
+(:mod:`.checkpoint`). What depends on the task (image classification or language modelling: data
+stream, loss, evaluation) comes from :mod:`.tasks`.
 
 ``--resume`` restores the model, the optimizer (velocities, each stage's update count and so its
 learning rate), the simulator (weight-version rings and step), the data stream (order and random state),
@@ -24,46 +25,21 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..api import build_simulator
-from ..data import ImageDataset
 from ..rng import get_rng_state, set_rng_state
 from ..simulator import DivergenceError
-from .builders import (ModelFactory, TrackedCrossEntropy, build_dataset, build_lr_schedule, build_model, build_stream,
-                       optimizer_options)
+from .builders import ModelFactory, build_dataset, build_lr_schedule, build_model, build_stream, optimizer_options
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
 from .run_folder import RunDirError, TrainWindow, claim_run_folder, make_summary, write_config_json, write_metrics, write_summary
+from .tasks import evaluate, task_of
 from .tracking import open_logger
 
 __all__ = ["Runner", "run_experiment", "train_loop", "evaluate", "RunDirError", "STATUSES"]
 
 STATUSES = ("completed", "diverged", "interrupted", "stopped")
 CHECKPOINT = "checkpoint.pt"
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: ImageDataset, *, batch: int = 500, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu") -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` (live weights, eval mode) on the test split."""
-    was_training = model.training
-    model.eval()
-    split = data.test
-    loss_sum, correct = 0.0, 0
-    try:
-        for start in range(0, len(split), batch):
-            x = data.normalize(split.images[start : start + batch], dtype).to(device)
-            y = split.labels[start : start + batch].to(device)
-            out = model(x)
-            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(dim=1) == y).sum())
-    finally:
-        model.train(was_training)
-    n = max(1, len(split))
-    return loss_sum / n, correct / n
-
 
 
 @dataclass
@@ -133,12 +109,13 @@ class Runner(_StopOnSignal):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but CUDA is not available; use device='cpu'")
         self.dtype = getattr(torch, cfg.dtype)
-        self.data = build_dataset(cfg)
-        self.train_size = len(self.data.train)
+        self.task = task_of(cfg)
+        self.data = build_dataset(cfg, self.task)
+        self.train_size = self.task.train_size(self.data)
         self.recipe = cfg.scaled(self.train_size)
-        self.model = build_model(cfg, self.data, self.model_factory).to(self.device)
+        self.model = build_model(cfg, self.data, self.model_factory, self.task).to(self.device)
         self.total_steps = self.recipe.total_samples // cfg.micro_batch
-        self.stream = build_stream(cfg, self.data, self.total_steps, self.device)
+        self.stream = build_stream(cfg, self.data, self.total_steps, self.device, self.task)
         self.eval_every = cfg.eval_interval(self.recipe.total_samples)
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
         self.window = TrainWindow(cfg.train_window or self.eval_every)
@@ -147,7 +124,7 @@ class Runner(_StopOnSignal):
     def setup(self) -> "Runner":
         self.prepare()
         cfg = self.config
-        self.loss_fn = TrackedCrossEntropy()
+        self.loss_fn = self.task.loss_fn()
         self.sim = build_simulator(
             self.model,
             self.loss_fn,
@@ -158,7 +135,7 @@ class Runner(_StopOnSignal):
             partition=cfg.partition,
             delay_offset=cfg.delay_offset,
             precision=cfg.precision,
-            example_input=self.data.normalize(self.data.train.images[: cfg.micro_batch], self.dtype).to(self.device),
+            example_input=self.task.example_input(cfg, self.data, self.dtype, self.device),
             **optimizer_options(cfg),
         )
         self.sim.optimizer.set_lr_schedule(build_lr_schedule(self.recipe))
@@ -216,7 +193,7 @@ class Runner(_StopOnSignal):
         p = self.progress
         return make_summary(self.config, status=status, metrics=self.metrics, recipe=self.recipe, samples=p.samples,
                             steps=p.steps, elapsed=p.elapsed, delays=self.delays, window=self.window,
-                            diverged_at=p.diverged_at)
+                            diverged_at=p.diverged_at, **self.task.info(self.data))
 
     def _finish(self, status: str) -> dict[str, Any]:
         summary = self.summary(status)
@@ -227,7 +204,8 @@ class Runner(_StopOnSignal):
     def open_files(self, resume: bool) -> None:
         """Write ``config.json`` and open the experiment logger (after a resume: from the restored sample)."""
         write_config_json(self.run_dir, self.config, recipe=self.recipe, delays=self.delays, train_size=self.train_size,
-                          test_size=len(self.data.test), eval_every=self.eval_every, train_window=self.window.size)
+                          test_size=self.task.test_size(self.data), eval_every=self.eval_every,
+                          train_window=self.window.size, task=self.task.name, **self.task.info(self.data))
         self._logger = open_logger(self.config.logger, self.run_dir, resume_at=self.progress.samples if resume else None)
 
     def close_files(self) -> None:
@@ -237,25 +215,25 @@ class Runner(_StopOnSignal):
     # ------------------------------------------------------------------ training
     def _record(self, t0: float) -> None:
         p = self.progress
-        test_loss, test_acc = evaluate(self.model, self.data, batch=self.config.eval_batch, dtype=self.dtype, device=self.device)
+        test = self.task.evaluate(self.model, self.data, self.config, self.dtype, self.device)
         rec = {
             "samples": p.samples,
             "step": p.steps,
             "epoch": round(p.samples / self.train_size, 6),
             "lr": self.current_lr(),
             "train_loss": p.loss_sum / p.count if p.count else None,
-            "train_acc": p.correct / p.count if p.count else None,
-            "test_loss": test_loss if math.isfinite(test_loss) else None,
-            "test_acc": test_acc,
-            "time": round(p.elapsed + time.perf_counter() - t0, 3),
         }
+        if "test_acc" in self.task.eval_keys:
+            rec["train_acc"] = p.correct / p.count if p.count else None
+        rec.update(test)
+        rec["time"] = round(p.elapsed + time.perf_counter() - t0, 3)
         self.metrics.append(rec)
         if self._logger is not None:
             self._logger.log(rec)
         p.loss_sum, p.correct, p.count = 0.0, 0, 0
         write_metrics(self.run_dir, self.metrics)
-        if not math.isfinite(test_loss):
-            raise DivergenceError(p.steps, test_loss)
+        if test["test_loss"] is None:
+            raise DivergenceError(p.steps, float("nan"))
 
     def run(self, *, resume: bool = False, overwrite: bool = False, stop_after_steps: Optional[int] = None,
             show_progress: Optional[bool] = None) -> dict[str, Any]:
@@ -378,8 +356,7 @@ def train_loop(runs: list[Runner], step: Callable[[list[Any], list[Any]], list[t
                     r = runs[shown[0]]
                     p, last = r.progress, r.metrics[-1]
                     if p.count:
-                        bar.set_postfix(loss=f"{p.loss_sum / p.count:.3f}", acc=f"{p.correct / p.count:.3f}",
-                                        test_acc=f"{last['test_acc']:.3f}", refresh=False)
+                        bar.set_postfix(_postfix(p, last), refresh=False)
                 stopping = stop_requested() or (stop_after_steps is not None and steps >= stop_after_steps)
                 if stopping or samples // lead.checkpoint_every > before // lead.checkpoint_every:
                     t0 = add_elapsed()
@@ -401,6 +378,17 @@ def train_loop(runs: list[Runner], step: Callable[[list[Any], list[Any]], list[t
         sync_weights()
         save(completed)
     return status
+
+
+def _postfix(p: _Progress, last: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's running numbers: train loss (and accuracy), the last evaluation's headline."""
+    shown = {"loss": f"{p.loss_sum / p.count:.3f}"}
+    if "test_acc" in last:
+        shown["acc"] = f"{p.correct / p.count:.3f}"
+        shown["test_acc"] = f"{last['test_acc']:.3f}"
+    elif last.get("test_loss") is not None:
+        shown["test_loss"] = f"{last['test_loss']:.3f}"
+    return shown
 
 
 def run_experiment(config: ExperimentConfig, run_dir: Path | str, *, resume: bool = False, overwrite: bool = False,
