@@ -75,7 +75,7 @@ class _WeightRing:
             params = group["params"]
             prev = self.slots[(version - 1) % (self.delay + 1)] if version > 0 else []
             for p, q in zip(params, prev):
-                if p.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+                if p.data_ptr() == q.data_ptr():
                     # not updated by the last step (no gradient, a skipped fp16 step): the live weight moves to a
                     # copy, so that no two slots share storage (the update that retires a slot writes into it)
                     p.data = p.data.clone()
@@ -360,19 +360,15 @@ class PipelineSimulator:
                 if override is not None:
                     bwd_override[s] = list(override)
         swaps: list[tuple[list[Tensor], list[Tensor]]] = []
+        stash = self.weight_mode == "stash"
         for s, reads in enumerate(self._reads):
             if not self._rebinds[s]:
                 swaps.append(([], []))
                 continue
             params, tensors = [], []
             for (p, o, i), w in zip(reads, self._stage_forward_weights(s, n)):
-                if binder is not None:
-                    if o in bwd_override:
-                        resolve = lambda o=o, i=i: bwd_override[o][i]  # noqa: E731
-                    elif self.weight_mode == "stash":
-                        resolve = lambda w=w: w  # noqa: E731
-                    else:
-                        resolve = lambda p=p: p  # noqa: E731
+                if binder is not None:  # what the backward sees: the override, the stashed or the live weight
+                    resolve: Any = (lambda o=o, i=i: bwd_override[o][i]) if o in bwd_override else w if stash else p
                     binder.register(w, resolve, self._param_names.get(id(p), ""), stage=s)
                 if w is not p:
                     params.append(p)
@@ -438,11 +434,11 @@ class PipelineSimulator:
             opt.spare_weights = self._spare_weights(n + 1)
         if self._scaler is None:
             total.backward()
-            opt.step()
+            opt.engine_step()
         else:
             (total.float() * self._scaler.scale).backward()
             if self._scaler.unscale(self._all_params):
-                opt.step()
+                opt.engine_step()
         opt.spare_weights = None
         self.step_count = n + 1
         self._push_forward_weights(n + 1)
