@@ -285,12 +285,15 @@ class PipelineSimulator:
         past weights when ``version`` is pushed (no longer used), or the live weights where no ring keeps them.
         Parameters that another stage reads through a reader ring get new tensors."""
         spare: dict[Tensor, Tensor] = {}
+        elsewhere = self._read_elsewhere
         for ring, group in zip(self._rings, self.optimizer.param_groups):
             params = group["params"]
             if ring is None or not ring.by_reference:
-                spare.update((p, p.data) for p in params if id(p) not in self._read_elsewhere)
+                spare.update((p, p.data) for p in params if id(p) not in elsewhere)
+            elif not elsewhere:
+                spare.update(zip(params, ring.slot(version)))
             else:
-                spare.update((p, w) for p, w in zip(params, ring.slot(version)) if id(p) not in self._read_elsewhere)
+                spare.update((p, w) for p, w in zip(params, ring.slot(version)) if id(p) not in elsewhere)
         return spare
 
     def forward_weights_of(self, stage: int, microbatch: int) -> list[Tensor]:

@@ -110,10 +110,12 @@ class SavedWeightRebinder:
     def register(
         self, tensor: Tensor, resolve: Any, label: str = "", *, derived: bool = False, stage: int = -1
     ) -> None:
-        if tensor.layout != torch.strided or tensor.numel() == 0:
+        n = tensor.numel()
+        if n == 0 or tensor.layout != torch.strided:
             return  # nothing autograd could save from a zero-size weight needs rebinding
-        addr, end = _byte_range(tensor)
-        self._entries.append(_Entry(addr, end, tensor.element_size(), resolve, label, derived, stage))
+        addr, size = tensor.data_ptr(), tensor.element_size()
+        end = addr + (n if tensor.is_contiguous() else _extent(tensor)) * size
+        self._entries.append(_Entry(addr, end, size, resolve, label, derived, stage))
         self._starts = None
         if derived:  # registered while a forward runs: check at once
             self._sorted()
@@ -154,7 +156,22 @@ class SavedWeightRebinder:
     def __bool__(self) -> bool:
         return bool(self._entries)
 
-    def _pack(self, t: Tensor) -> Any:
+    def _pack(self, t: Tensor) -> Any:  # find(t), inlined: it runs for every tensor autograd saves
+        starts = self._starts
+        if not starts or t.layout != torch.strided:
+            return self._pack_slow(t) if starts is None else t
+        addr = t.data_ptr()
+        i = bisect_right(starts, addr) - 1
+        if i < 0:
+            return t
+        e = self._entries[i]
+        if addr >= e.end or _byte_range(t)[1] > e.end:
+            return t
+        if e.derived:
+            self.derived_hits.add(e.stage)
+        return _Marker(e, t.size(), t.stride(), (addr - e.addr) // e.itemsize)
+
+    def _pack_slow(self, t: Tensor) -> Any:
         e = self.find(t)
         if e is None:
             return t
