@@ -205,3 +205,12 @@ def test_run_stacked_group_norm_equals_vmapped_group_norm(affine, batch):
     firsts = [x] + ([w, b] if affine else [])
     for a, r in zip(torch.autograd.grad(plain, firsts, g[0]), torch.autograd.grad(expected, firsts, g[0])):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+
+
+def test_to_device_keeps_tensors_on_their_device_and_recurses():
+    from pipeprop.data.transfer import to_device
+
+    x, y = torch.randn(2, 3), torch.tensor([1, 0])
+    moved = to_device((x, [y]), "cpu")
+    assert moved[0] is x and moved[1][0] is y and isinstance(moved[1], list)
+    assert to_device(x.to(DT), torch.device("cpu")).dtype == DT

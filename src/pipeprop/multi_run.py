@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from .api import build_simulator
+from .data.transfer import to_device
 from .partition import Granularity, Partition, partition as make_partition
 from .simulator import PipelineSimulator
 
@@ -183,22 +184,6 @@ def _stack_inputs(items: Sequence[Any], what: str) -> Any:
     raise TypeError(f"train_many stacks tensors or tuples of tensors; got {type(first).__name__} as {what}")
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Move a stacked micro-batch to the runs' device without blocking the host (pinned memory on CUDA).
-
-    Untested on a GPU so far (none was available); on the CPU nothing moves.
-    """
-    if isinstance(batch, Tensor):
-        if batch.device == device:
-            return batch
-        if device.type == "cuda" and batch.device.type == "cpu":
-            batch = batch.pin_memory()
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    return batch
-
-
 class MultiRunSimulator:
     """K runs of one architecture trained as one :class:`PipelineSimulator` over stacked stages.
 
@@ -229,7 +214,7 @@ class MultiRunSimulator:
                              f"{len(ys)} targets")
         x, y = _stack_inputs(xs, "inputs"), _stack_inputs(ys, "targets")
         if self.device.type != "cpu":
-            x, y = _to_device(x, self.device), _to_device(y, self.device)
+            x, y = to_device(x, self.device), to_device(y, self.device)
         return self.simulator.step(x, y, sync=False)
 
     def write_back(self) -> None:
