@@ -519,7 +519,7 @@ class PipelineSimulator:
 
             @contextmanager
             def stage_context(s: int, inp: Any):  # type: ignore[no-redef]
-                inputs.append(inp)
+                inputs.append(inp.detach() if isinstance(inp, Tensor) else inp)  # not this step's graph
                 with record(s, inp):
                     yield
 
