@@ -91,3 +91,39 @@ def test_lazy_loss_needs_no_host_sync():
     lazy = sim.step(x, y, sync=False)
     assert isinstance(lazy, torch.Tensor) and lazy.dim() == 0 and not lazy.requires_grad
     assert float(lazy) == ref_sim.step(x, y)
+
+
+def test_engine_step_equals_step_and_runs_the_step_hooks():
+    """The simulator's optimizer call skips only torch.optim's profiler scope: same update, same hooks."""
+    import warnings
+
+    torch.manual_seed(0)
+    ws = [torch.randn(3, 4, dtype=DT), torch.randn(4, dtype=DT)]
+    results, counts = [], []
+    for use_engine_step in (True, False):
+        ps = [nn.Parameter(w.clone()) for w in ws]
+        opt = PipelineSGD([{"params": ps[:1], "delay": 2}, {"params": ps[1:], "delay": 0}], lr=0.1, momentum=0.9)
+        opt.set_lr_schedule(lambda k: 1.0 / (1 + k))  # counts updates in a step post-hook
+        pre = []
+        handle = opt.register_step_pre_hook(lambda o, a, k: pre.append(1))
+        gen = torch.Generator().manual_seed(1)
+        for n in range(4):
+            if n == 2:
+                handle.remove()  # from here on engine_step takes its fast route
+            for p in ps:
+                p.grad = torch.randn(p.shape, dtype=DT, generator=gen)
+            opt.engine_step() if use_engine_step else opt.step()
+        results.append([p.detach().clone() for p in ps])
+        counts.append(([g["updates"] for g in opt.param_groups], len(pre)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert counts[0] == counts[1] == ([4, 4], 2)
+    # a torch lr scheduler wraps the instance's step: engine_step goes through it (no "step order" warning)
+    p = nn.Parameter(torch.zeros(2, dtype=DT))
+    opt = PipelineSGD([{"params": [p], "delay": 0}], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    p.grad = torch.ones(2, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.engine_step()
+        sched.step()

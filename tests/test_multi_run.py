@@ -180,3 +180,37 @@ def test_train_many_batchnorm_buffers_follow_each_run():
         for a, b in zip(models[k].state_dict().values(), refs[k].state_dict().values()):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
     assert not torch.allclose(models[0][1].running_mean, models[1][1].running_mean)
+
+
+@pytest.mark.parametrize("affine,batch", [(True, 1), (True, 3), (False, 2)])
+def test_run_stacked_group_norm_equals_vmapped_group_norm(affine, batch):
+    """train_many's batched GroupNorm (one call with K x the groups) against vmap's generic rule, and its plain
+    (non-vmapped) backward against F.group_norm's."""
+    from torch.func import vmap
+    from pipeprop.multi_run import _RunStackedGroupNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, batch, 6, 5, 5, dtype=DT, generator=gen, requires_grad=True)
+    w = torch.randn(4, 6, dtype=DT, generator=gen, requires_grad=True) if affine else None
+    b = torch.randn(4, 6, dtype=DT, generator=gen, requires_grad=True) if affine else None
+    g = torch.randn(4, batch, 6, 5, 5, dtype=DT, generator=gen)
+    inputs = [t for t in (x, w, b) if t is not None]
+    ours = vmap(lambda a, ww, bb: _RunStackedGroupNorm.apply(a, 3, ww, bb, 1e-5), in_dims=(0, 0 if affine else None, 0 if affine else None))(x, w, b)
+    ref = vmap(lambda a, ww, bb: F.group_norm(a, 3, ww, bb, 1e-5), in_dims=(0, 0 if affine else None, 0 if affine else None))(x, w, b)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    for a, r in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+    plain = _RunStackedGroupNorm.apply(x[0], 3, None if w is None else w[0], None if b is None else b[0], 1e-5)
+    expected = F.group_norm(x[0], 3, None if w is None else w[0], None if b is None else b[0], 1e-5)
+    firsts = [x] + ([w, b] if affine else [])
+    for a, r in zip(torch.autograd.grad(plain, firsts, g[0]), torch.autograd.grad(expected, firsts, g[0])):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+
+
+def test_to_device_keeps_tensors_on_their_device_and_recurses():
+    from pipeprop.data.transfer import to_device
+
+    x, y = torch.randn(2, 3), torch.tensor([1, 0])
+    moved = to_device((x, [y]), "cpu")
+    assert moved[0] is x and moved[1][0] is y and isinstance(moved[1], list)
+    assert to_device(x.to(DT), torch.device("cpu")).dtype == DT

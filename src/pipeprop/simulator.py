@@ -75,7 +75,7 @@ class _WeightRing:
             params = group["params"]
             prev = self.slots[(version - 1) % (self.delay + 1)] if version > 0 else []
             for p, q in zip(params, prev):
-                if p.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+                if p.data_ptr() == q.data_ptr():
                     # not updated by the last step (no gradient, a skipped fp16 step): the live weight moves to a
                     # copy, so that no two slots share storage (the update that retires a slot writes into it)
                     p.data = p.data.clone()
@@ -158,6 +158,15 @@ class PipelineSimulator:
         compile: run each stage through ``torch.compile`` (``True``, or a backend name such as
             ``"aot_eager"``). The first step runs eagerly to find stages whose backward needs weight-derived
             tensors replayed (e.g. under autocast); those stay eager, since a compiled graph hides them.
+        cuda_graphs: replay every stage's forward and backward as CUDA graphs
+            (``torch.cuda.make_graphed_callables``, captured after the first step), which removes the kernel-launch
+            cost that dominates batch size one on a GPU. A graph reads its weights at fixed addresses, so each
+            parameter keeps one storage (*static weights*): before the forward the stage's forward weights are
+            copied into it, after the forward the live weights are copied back for the backward (three
+            multi-tensor copies per step instead of the saved-tensor hooks). Needs CUDA, ``weight_mode="pb"``,
+            precision ``"32"``/``"64"``, no ``compile``, no weights read by two stages, no weight-derived saved
+            tensors, single-tensor stage inputs and micro-batches of one shape. **Untested on a GPU so far**;
+            the static-weight mechanism itself is tested on the CPU against the reference path.
 
     A parameter read by several stages (tied weights) is updated once per step by the optimizer group that
     holds it; every stage reading it sees, in its forward, the version for its own delay (its own
@@ -174,6 +183,8 @@ class PipelineSimulator:
         check_finite: bool = True,
         precision: str = "32",
         compile: Union[bool, str] = False,
+        cuda_graphs: bool = False,
+        _static_weights: bool = False,
     ) -> None:
         if weight_mode not in WEIGHT_MODES:
             raise ValueError(f"unknown weight_mode {weight_mode!r}; choose one of {WEIGHT_MODES}")
@@ -208,7 +219,13 @@ class PipelineSimulator:
             id(p): f"stage {s} {name}" for s, st in enumerate(self.stages) for name, p in st.named_parameters()
         }
         self._rings: list[Optional[_WeightRing]] = []
-        can_keep = optimizer.supports_keeping_previous_weights
+        self.cuda_graphs = bool(cuda_graphs)
+        #: static weights: every parameter keeps its storage, forward/backward weights are copied into it
+        self._static = self.cuda_graphs or _static_weights  # (_static_weights: the mechanism without graphs, for tests)
+        self._static_ready = False
+        if self._static:
+            self._check_static_weights(compile)
+        can_keep = optimizer.supports_keeping_previous_weights and not self._static
         for group in optimizer.param_groups:
             needs_ring = group_params(group) and (
                 optimizer.stage_delay(group) > 0 or not optimizer.forward_uses_live_weights(group)
@@ -235,8 +252,8 @@ class PipelineSimulator:
         self._keeps_previous = any(r is not None and r.by_reference for r in self._rings) or any(
             r is not None and r.by_reference for mine in self._readers for _, _, _, r in mine
         )
-        if self._keeps_previous:
-            optimizer.keep_previous_weights = True
+        if self._keeps_previous or self._static:  # static weights: the update stays in the parameters' storage
+            optimizer.keep_previous_weights = self._keeps_previous
         #: stages whose forward weights can differ from the weights their backward must see
         self._rebinds = [
             self._overrides_backward
@@ -248,6 +265,9 @@ class PipelineSimulator:
         self._track: list[Optional[bool]] = [None if r else False for r in self._rebinds]
         self._scaler = LossScaler() if self.precision == "16-mixed" else None
         self._compiled: list[Optional[Callable[[Any], Any]]] = [None] * len(self.stages)
+        self._graphed: Optional[list[Callable[[Any], Any]]] = None  # the CUDA-graphed stages, once captured
+        self._stage_inputs: Optional[list[Tensor]] = None  # the first step's stage inputs (capture samples)
+        self._live_copy: Optional[list[Tensor]] = None  # static weights: the live weights while the forward runs
         if compile:
             backend = "inductor" if compile is True else str(compile)
             self._compiled = [torch.compile(st, backend=backend, dynamic=False) for st in self.stages]
@@ -285,12 +305,15 @@ class PipelineSimulator:
         past weights when ``version`` is pushed (no longer used), or the live weights where no ring keeps them.
         Parameters that another stage reads through a reader ring get new tensors."""
         spare: dict[Tensor, Tensor] = {}
+        elsewhere = self._read_elsewhere
         for ring, group in zip(self._rings, self.optimizer.param_groups):
             params = group["params"]
             if ring is None or not ring.by_reference:
-                spare.update((p, p.data) for p in params if id(p) not in self._read_elsewhere)
+                spare.update((p, p.data) for p in params if id(p) not in elsewhere)
+            elif not elsewhere:
+                spare.update(zip(params, ring.slot(version)))
             else:
-                spare.update((p, w) for p, w in zip(params, ring.slot(version)) if id(p) not in self._read_elsewhere)
+                spare.update((p, w) for p, w in zip(params, ring.slot(version)) if id(p) not in elsewhere)
         return spare
 
     def forward_weights_of(self, stage: int, microbatch: int) -> list[Tensor]:
@@ -318,6 +341,77 @@ class PipelineSimulator:
         for mine in self._readers:
             total += sum(r.num_bytes(params) for _, params, _, r in mine if r is not None)
         return total
+
+    # ------------------------------------------------------------------ static weights (CUDA graphs)
+    def _check_static_weights(self, compile: Union[bool, str]) -> None:
+        why = None
+        if self.cuda_graphs and not all(p.is_cuda for p in self._all_params):
+            why = ("captures each stage's forward and backward as CUDA graphs, so the stages must be on a CUDA device "
+                   "(model.cuda()); on the CPU leave cuda_graphs off")
+        elif self.cuda_graphs and not torch.cuda.is_available():
+            why = "needs CUDA, which this torch build does not have"
+        elif self.weight_mode != "pb" or self._overrides_backward:
+            why = "supports weight_mode='pb' with the live weights in the backward (not pb+stash or SpecTrain)"
+        elif self.precision not in ("32", "64"):
+            why = "supports precision '32' and '64' (autocast casts the weights inside the graph)"
+        elif compile:
+            why = "and compile=True do not combine; choose one"
+        elif any(self._reads[s][k][1] != s for s in range(len(self.stages)) for k in range(len(self._reads[s]))):
+            why = "does not support weights read by two stages (tied weights)"
+        if why is not None:
+            raise ValueError(f"cuda_graphs=True {why}")
+
+    def _static_stages(self) -> list[int]:
+        return [s for s in range(len(self.stages)) if self._rebinds[s] and group_params(self.optimizer.param_groups[s])]
+
+    def _enter_static_weights(self) -> None:
+        """After the first (eager) step: check what it found, capture the graphs."""
+        if any(self._track):
+            raise ValueError("cuda_graphs=True: a stage saves tensors derived from its weights (e.g. a weight "
+                             "standardisation) that the backward would need recomputed on the live weights; leave "
+                             "cuda_graphs off for this model")
+        if self.cuda_graphs:
+            self._capture_graphs()
+        self._static_ready = True
+
+    def _capture_graphs(self) -> None:
+        """Capture every stage as a CUDA graph on the first step's stage inputs."""
+        inputs = self._stage_inputs or []
+        if len(inputs) != len(self.stages) or not all(isinstance(t, Tensor) for t in inputs):
+            raise ValueError("cuda_graphs=True needs every stage to take one tensor (not a tuple such as a residual "
+                             "(h, skip)); leave cuda_graphs off for this model")
+        buffers = [b.detach().clone() for st in self.stages for b in st.buffers()]
+        samples = tuple((t.detach().clone().requires_grad_(s > 0),) for s, t in enumerate(inputs))
+        self._graphed = list(torch.cuda.make_graphed_callables(tuple(self.stages), samples))
+        for b, saved in zip((b for st in self.stages for b in st.buffers()), buffers):  # undo the warm-up's updates
+            b.copy_(saved)
+        for p in self._all_params:
+            p.grad = None
+        self._graph_shapes = [tuple(t.shape) for t in inputs]
+
+    def _static_step_forward(self, x: Any, n: int) -> Any:
+        """The forward with static weights: forward weights copied into the parameters, live ones set aside."""
+        stages = self._static_stages()
+        handles = [p.data for s in stages for p in group_params(self.optimizer.param_groups[s])]
+        fwd = [w for s in stages for w in self.forward_weights_of(s, n)]
+        if self._live_copy is None:
+            self._live_copy = [torch.empty_like(h) for h in handles]
+        with torch.no_grad():
+            if handles:
+                torch._foreach_copy_(self._live_copy, handles)
+                torch._foreach_copy_(handles, fwd)
+        out = x
+        runners = self._graphed if self._graphed is not None else self.stages
+        for s, stage in enumerate(runners):
+            if self._graphed is not None and tuple(out.shape) != self._graph_shapes[s]:
+                raise ValueError(f"cuda_graphs=True: stage {s} was captured for inputs of shape {self._graph_shapes[s]} "
+                                 f"but gets {tuple(out.shape)}; use micro-batches of one shape (drop the last, "
+                                 "smaller one)")
+            out = stage(out)
+        with torch.no_grad():  # the backward sees the live weights (through .data: autograd's version check is not
+            if handles:        # involved, the saved tensors of the forward now read the live values)
+                torch._foreach_copy_(handles, self._live_copy)
+        return out
 
     # ------------------------------------------------------------------ one micro-batch
     def forward(self, x: Any, stage_context: Optional[Callable[[int, Any], Any]] = None) -> Any:
@@ -360,19 +454,15 @@ class PipelineSimulator:
                 if override is not None:
                     bwd_override[s] = list(override)
         swaps: list[tuple[list[Tensor], list[Tensor]]] = []
+        stash = self.weight_mode == "stash"
         for s, reads in enumerate(self._reads):
             if not self._rebinds[s]:
                 swaps.append(([], []))
                 continue
             params, tensors = [], []
             for (p, o, i), w in zip(reads, self._stage_forward_weights(s, n)):
-                if binder is not None:
-                    if o in bwd_override:
-                        resolve = lambda o=o, i=i: bwd_override[o][i]  # noqa: E731
-                    elif self.weight_mode == "stash":
-                        resolve = lambda w=w: w  # noqa: E731
-                    else:
-                        resolve = lambda p=p: p  # noqa: E731
+                if binder is not None:  # what the backward sees: the override, the stashed or the live weight
+                    resolve: Any = (lambda o=o, i=i: bwd_override[o][i]) if o in bwd_override else w if stash else p
                     binder.register(w, resolve, self._param_names.get(id(p), ""), stage=s)
                 if w is not p:
                     params.append(p)
@@ -415,7 +505,25 @@ class PipelineSimulator:
             x = model_inputs(x, y, self._target_keyword)
         if self.precision == "64":
             x = cast_input(x, torch.float64)
+        if self._static and self._stage_inputs is not None:
+            if not self._static_ready:
+                self._enter_static_weights()
+            output = self._static_step_forward(x, n)
+            with autocast(self.precision, self._all_params):
+                loss = self.loss_fn(output, y)
+            return self._finish_step(loss, n, sync)
         binder, stage_context, whole = self._bind_weights(n)
+        if self._static:  # the first step: eager, records the stage inputs the graphs are captured on
+            inputs: list[Tensor] = []
+            record = stage_context
+
+            @contextmanager
+            def stage_context(s: int, inp: Any):  # type: ignore[no-redef]
+                inputs.append(inp.detach() if isinstance(inp, Tensor) else inp)  # not this step's graph
+                with record(s, inp):
+                    yield
+
+            self._stage_inputs, whole = inputs, None
         with ExitStack() as stack:
             if binder is not None:
                 stack.enter_context(binder.hooks())
@@ -430,6 +538,11 @@ class PipelineSimulator:
         if binder is not None and any(t is None for t in self._track):
             check_ctx_weights(loss, binder, {id(p): self._param_names.get(id(p), "") for s, r in enumerate(self._reads) if self._rebinds[s] for p, _, _ in r})
             self._track = [t if t is not None else s in binder.derived_hits for s, t in enumerate(self._track)]
+        return self._finish_step(loss, n, sync)
+
+    def _finish_step(self, loss: Tensor, n: int, sync: bool) -> Any:
+        """Check the loss, backward, update, push the next forward weights."""
+        opt = self.optimizer
         loss_value = loss.detach()
         if self.check_finite:
             _check_finite(loss_value, n)
@@ -438,11 +551,11 @@ class PipelineSimulator:
             opt.spare_weights = self._spare_weights(n + 1)
         if self._scaler is None:
             total.backward()
-            opt.step()
+            opt.engine_step()
         else:
             (total.float() * self._scaler.scale).backward()
             if self._scaler.unscale(self._all_params):
-                opt.step()
+                opt.engine_step()
         opt.spare_weights = None
         self.step_count = n + 1
         self._push_forward_weights(n + 1)

@@ -22,6 +22,7 @@ raises an error naming them.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -64,10 +65,18 @@ def _extent(t: Tensor) -> int:
 
 
 class _Entry:
-    __slots__ = ("start", "end", "resolve", "label", "derived", "stage")
+    """A registered forward weight: its byte range ``[addr, end)`` and what it resolves to at backward time
+    (a tensor, or a callable returning one)."""
 
-    def __init__(self, start: int, end: int, resolve: Callable[[], Tensor], label: str, derived: bool, stage: int) -> None:
-        self.start, self.end, self.resolve, self.label, self.derived, self.stage = start, end, resolve, label, derived, stage
+    __slots__ = ("addr", "end", "itemsize", "resolve", "label", "derived", "stage")
+
+    def __init__(self, addr: int, end: int, itemsize: int, resolve: Any, label: str, derived: bool, stage: int) -> None:
+        self.addr, self.end, self.itemsize = addr, end, itemsize
+        self.resolve, self.label, self.derived, self.stage = resolve, label, derived, stage
+
+    def target(self) -> Tensor:
+        r = self.resolve
+        return (r if isinstance(r, Tensor) else r()).detach()
 
 
 class _Marker:
@@ -77,69 +86,109 @@ class _Marker:
         self.entry, self.size, self.stride, self.offset = entry, size, stride, offset
 
 
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    """``[first, last + 1)`` byte addresses of the elements of ``t`` (empty range for a tensor without elements)."""
+    addr = t.data_ptr()
+    return addr, addr + (_extent(t) * t.element_size() if t.numel() else 0)
+
+
 class SavedWeightRebinder:
     """Tensors registered here are swapped, when autograd saves a view of them, for a tensor chosen at backward.
 
-    :meth:`register` a forward tensor with a ``resolve()`` callable that returns its backward replacement
-    (same shape and strides); then run the forward inside :meth:`hooks`.
+    :meth:`register` a forward tensor with its backward replacement ``resolve`` (a tensor of the same shape
+    and strides, or a callable returning one, called at backward time); then run the forward inside
+    :meth:`hooks`. A saved tensor is matched by memory: it must lie inside one registered tensor (a view such
+    as ``weight.t()`` or a slice of a fused weight). The match costs one address lookup per saved tensor.
     """
 
     def __init__(self) -> None:
-        self._by_storage: dict[int, list[_Entry]] = {}
+        self._entries: list[_Entry] = []
+        self._starts: Optional[list[int]] = []  # sorted byte addresses of _entries (None: to be sorted)
         #: stages whose saved tensors matched a weight-derived (not aliasing) tensor
         self.derived_hits: set[int] = set()
 
     def register(
-        self, tensor: Tensor, resolve: Callable[[], Tensor], label: str = "", *, derived: bool = False, stage: int = -1
+        self, tensor: Tensor, resolve: Any, label: str = "", *, derived: bool = False, stage: int = -1
     ) -> None:
-        if tensor.layout != torch.strided or tensor.numel() == 0:
+        n = tensor.numel()
+        if n == 0 or tensor.layout != torch.strided:
             return  # nothing autograd could save from a zero-size weight needs rebinding
-        start = tensor.storage_offset()
-        end = start + _extent(tensor)
-        entries = self._by_storage.setdefault(tensor.untyped_storage().data_ptr(), [])
-        for e in entries:
-            if e.start < end and start < e.end:
-                if (e.start, e.end) == (start, end):
-                    return  # the same tensor read twice (a shared weight at the same version)
-                raise ValueError(
-                    f"forward weights {e.label or '?'} and {label or '?'} overlap in memory without being the same "
-                    "tensor; pipeprop cannot tell which one autograd saved"
-                )
-        entries.append(_Entry(start, end, resolve, label, derived, stage))
+        addr, size = tensor.data_ptr(), tensor.element_size()
+        end = addr + (n if tensor.is_contiguous() else _extent(tensor)) * size
+        self._entries.append(_Entry(addr, end, size, resolve, label, derived, stage))
+        self._starts = None
+        if derived:  # registered while a forward runs: check at once
+            self._sorted()
+
+    def _sorted(self) -> list[int]:
+        """Sort the entries by address; drop exact repeats (a shared weight read at the same version) and
+        reject partial overlaps (pipeprop could not tell which tensor autograd saved)."""
+        if self._starts is None:
+            entries = sorted(self._entries, key=lambda e: (e.addr, e.end))
+            kept: list[_Entry] = []
+            for e in entries:
+                if kept and e.addr < kept[-1].end:
+                    prev = kept[-1]
+                    if (prev.addr, prev.end) == (e.addr, e.end):
+                        continue
+                    raise ValueError(
+                        f"forward weights {prev.label or '?'} and {e.label or '?'} overlap in memory without being the "
+                        "same tensor; pipeprop cannot tell which one autograd saved"
+                    )
+                kept.append(e)
+            self._entries = kept
+            self._starts = [e.addr for e in kept]
+        return self._starts
 
     def find(self, t: Tensor) -> Optional[_Entry]:
-        entries = self._by_storage.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
-        if not entries:
+        if not self._entries or t.layout != torch.strided:
             return None
-        start = t.storage_offset()
-        end = start + _extent(t) if t.numel() else start
-        for e in entries:
-            if e.start <= start and end <= e.end:
-                return e
-        return None
+        starts = self._starts if self._starts is not None else self._sorted()
+        addr = t.data_ptr()
+        i = bisect_right(starts, addr) - 1
+        if i < 0:
+            return None
+        e = self._entries[i]
+        if addr >= e.end:
+            return None
+        return e if _byte_range(t)[1] <= e.end else None
 
     def __bool__(self) -> bool:
-        return bool(self._by_storage)
+        return bool(self._entries)
 
-    def _pack(self, t: Tensor) -> Any:
-        if not self._by_storage:
+    def _pack(self, t: Tensor) -> Any:  # find(t), inlined: it runs for every tensor autograd saves
+        starts = self._starts
+        if not starts or t.layout != torch.strided:
+            return self._pack_slow(t) if starts is None else t
+        addr = t.data_ptr()
+        i = bisect_right(starts, addr) - 1
+        if i < 0:
             return t
+        e = self._entries[i]
+        if addr >= e.end or _byte_range(t)[1] > e.end:
+            return t
+        if e.derived:
+            self.derived_hits.add(e.stage)
+        return _Marker(e, t.size(), t.stride(), (addr - e.addr) // e.itemsize)
+
+    def _pack_slow(self, t: Tensor) -> Any:
         e = self.find(t)
         if e is None:
             return t
         if e.derived:
             self.derived_hits.add(e.stage)
-        return _Marker(e, t.size(), t.stride(), t.storage_offset() - e.start)
+        return _Marker(e, t.size(), t.stride(), (t.data_ptr() - e.addr) // e.itemsize)
 
     @staticmethod
     def _unpack(obj: Any) -> Any:
         if not isinstance(obj, _Marker):
             return obj
-        target = obj.entry.resolve().detach()
+        target = obj.entry.target()
         return target.as_strided(obj.size, obj.stride, target.storage_offset() + obj.offset)
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
+        self._sorted()
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
 
@@ -203,7 +252,7 @@ class DerivedWeightTracker(TorchDispatchMode):
                 return _Ref(slot=slot)
             e = self.binder.find(a)
             if e is not None and not e.derived:
-                return _Ref(entry=e, size=a.size(), stride=a.stride(), offset=a.storage_offset() - e.start)
+                return _Ref(entry=e, size=a.size(), stride=a.stride(), offset=(a.data_ptr() - e.addr) // e.itemsize)
             return _Ref(const=a)
         if isinstance(a, (list, tuple)):
             return type(a)(self._encode(x) for x in a)
@@ -215,7 +264,7 @@ class DerivedWeightTracker(TorchDispatchMode):
                 return self._replayed[a.slot]  # type: ignore[index]
             if a.entry is None:
                 return a.const
-            base = a.entry.resolve().detach()
+            base = a.entry.target()
             return base.as_strided(a.size, a.stride, base.storage_offset() + a.offset)
         if isinstance(a, (list, tuple)):
             return type(a)(self._decode(x) for x in a)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .dataset import ImageDataset, Split
+from .transfer import to_device
 
 __all__ = ["MicroBatchStream"]
 
@@ -71,8 +72,8 @@ class MicroBatchStream:
             images = self.split.images[idx]
             if self.augment is not None:
                 images = self.augment(images, self.generator)
-            x = self.dataset.normalize(images, self.dtype).to(self.device)
-            y = self.split.labels[idx].to(self.device)
+            x = to_device(self.dataset.normalize(images, self.dtype), self.device)
+            y = to_device(self.split.labels[idx], self.device)
             self.step += 1
             yield x, y
 

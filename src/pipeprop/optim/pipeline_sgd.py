@@ -267,15 +267,20 @@ class PipelineSGD(PipelineOptimizer):
     ) -> list[tuple[list[Tensor], float]]:
         """The update direction ``d = Σ c_j t_j`` as its terms ``[(t_j, c_j)]`` (``w ← w − η d``):
         ``v`` (heavy ball), ``g + m v`` (Nesterov), ``a v + b g`` (SC) or ``g`` (no momentum)."""
+        by_name = {"g": grads, "v": bufs}
+        return [(by_name[name], c) for name, c in self._term_coefficients(group, bufs is not None)]
+
+    def _term_coefficients(self, group: dict[str, Any], has_velocity: bool) -> list[tuple[str, float]]:
+        """:meth:`_update_terms` by name: ``("g", c)`` for the gradient, ``("v", c)`` for the velocity."""
         m = group["momentum"]
-        if bufs is None or m == 0.0:
-            return [(grads, 1.0)]
+        if not has_velocity or m == 0.0:
+            return [("g", 1.0)]
         if group["nesterov"]:
-            return [(grads, 1.0), (bufs, m)]
+            return [("g", 1.0), ("v", m)]
         if group["spike_compensation"]:
             a, b = self._sc_coefficients(group)
-            return [(bufs, a), (grads, b)] if b != 0.0 else [(bufs, a)]
-        return [(bufs, 1.0)]
+            return [("v", a), ("g", b)] if b != 0.0 else [("v", a)]
+        return [("v", 1.0)]
 
     # ------------------------------------------------------------------ the fast path: all stages at once
     def _can_step_stages_together(self, stages: list[tuple[dict[str, Any], list[Tensor], Any]]) -> bool:
@@ -288,72 +293,109 @@ class PipelineSGD(PipelineOptimizer):
                 return False  # the first step creates the buffers: reference path
         return True
 
+    def _stages_plan(self, stages: list[tuple[dict[str, Any], list[Tensor], Any]]) -> "_StagesPlan":
+        """The index lists and coefficients of :meth:`_step_stages_together`, rebuilt only when the stages, their
+        parameters with gradients or their coefficients (learning rate, momentum, SC, weight decay) change."""
+        sig = []
+        for group, ps, lr in stages:
+            keep = self._keeps_velocity(group)
+            dwd = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+            cwd = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
+            sig.append((id(group), lr, group["momentum"] if keep else None, cwd, dwd,
+                        tuple(self._term_coefficients(group, keep)), tuple(map(id, ps))))
+        key = tuple(sig)
+        plan = getattr(self, "_plan", None)
+        if plan is None or plan.key != key:
+            plan = self._plan = _StagesPlan(key, stages)
+        return plan
+
     def _step_stages_together(self, stages: list[tuple[dict[str, Any], list[Tensor], Any]]) -> None:
         """The same operations as :meth:`_step_stage` for every stage, as one multi-tensor call per operation
-        and distinct coefficient (per-stage coefficients as scalar lists where torch has such an overload)."""
-        params: list[Tensor] = [p for _, ps, _ in stages for p in ps]
-        stage_of = [i for i, (_, ps, _) in enumerate(stages) for _ in ps]
-        groups = [g for g, _, _ in stages]
+        and distinct coefficient (per-stage coefficients as scalar lists where torch has such an overload).
+        The bookkeeping (which tensor takes which coefficient) is cached in a :class:`_StagesPlan`."""
+        plan = self._stages_plan(stages)
+        params = plan.params
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
-        coupled = [0.0 if g["decoupled_weight_decay"] else g["weight_decay"] for g in groups]
-        for wd, idx in _buckets([coupled[i] for i in stage_of]).items():
-            if wd != 0.0:
-                for j, t in zip(idx, torch._foreach_add([grads[j] for j in idx], [params[j] for j in idx], alpha=wd)):
-                    grads[j] = t
-        keeps = [self._keeps_velocity(g) for g in groups]
-        vidx = [j for j, i in enumerate(stage_of) if keeps[i]]
+        for wd, idx in plan.coupled_wd:
+            for j, t in zip(idx, torch._foreach_add([grads[j] for j in idx], [params[j] for j in idx], alpha=wd)):
+                grads[j] = t
         bufs: list[Optional[Tensor]] = [None] * len(params)
-        if vidx:
-            vbufs = [self.state[params[j]]["momentum_buffer"] for j in vidx]
-            torch._foreach_mul_(vbufs, [groups[stage_of[j]]["momentum"] for j in vidx])
-            torch._foreach_add_(vbufs, [grads[j] for j in vidx])
-            for j, b in zip(vidx, vbufs):
+        if plan.vidx:
+            state = self.state
+            vbufs = [state[params[j]]["momentum_buffer"] for j in plan.vidx]
+            torch._foreach_mul_(vbufs, plan.momentum)
+            torch._foreach_add_(vbufs, [grads[j] for j in plan.vidx])
+            for j, b in zip(plan.vidx, vbufs):
                 bufs[j] = b
-        # per tensor: its terms (tensor, alpha = -η c), its decay factor 1 - η λ
-        terms: list[list[tuple[Tensor, float]]] = []
-        decay: list[float] = []
-        lo = 0
-        for (group, ps, lr), keep in zip(stages, keeps):
-            hi = lo + len(ps)
-            stage_terms = self._update_terms(group, grads[lo:hi], bufs[lo:hi] if keep else None)  # type: ignore[arg-type]
-            dwd = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
-            for k in range(hi - lo):
-                terms.append([(t[k], -lr * c) for t, c in stage_terms])
-                decay.append(1.0 - lr * dwd if dwd != 0.0 else 1.0)
-            lo = hi
-        didx = [j for j, f in enumerate(decay) if f != 1.0]
+        source = {"g": grads, "v": bufs}
+        keep_previous = self.keep_previous_weights
         base = list(params)
-        if didx:
-            sub = [params[j] for j in didx]
-            scaled = torch._foreach_mul(sub, [decay[j] for j in didx]) if self.keep_previous_weights else sub
-            if not self.keep_previous_weights:
-                torch._foreach_mul_(sub, [decay[j] for j in didx])
-            for j, t in zip(didx, scaled):
+        if plan.decay_idx:
+            sub = [params[j] for j in plan.decay_idx]
+            if keep_previous:
+                scaled = torch._foreach_mul(sub, plan.decay)
+            else:
+                torch._foreach_mul_(sub, plan.decay)
+                scaled = sub
+            for j, t in zip(plan.decay_idx, scaled):
                 base[j] = t
         new: list[Tensor] = list(base)
-        spare = self.spare_weights if self.keep_previous_weights else None
-        first = [tt[0] for tt in terms]
-        fresh = []
-        for j, (t, alpha) in enumerate(first):
-            o = spare.pop(params[j], None) if spare else None
-            if o is not None:
-                new[j] = torch.add(base[j], t, alpha=alpha, out=o)
-            else:
-                fresh.append(j)
-        for alpha, idx in _buckets([first[j][1] for j in fresh]).items():
-            idx = [fresh[k] for k in idx]
-            if self.keep_previous_weights:
-                for j, w in zip(idx, torch._foreach_add([base[j] for j in idx], [first[j][0] for j in idx], alpha=alpha)):
+        spare = self.spare_weights if keep_previous else None
+        for name, alpha, idx in plan.first:
+            ts = source[name]
+            if not keep_previous:
+                torch._foreach_add_([base[j] for j in idx], [ts[j] for j in idx], alpha=alpha)
+                continue
+            fresh = []
+            for j in idx:
+                o = spare.pop(params[j], None) if spare else None
+                if o is not None:
+                    new[j] = torch.add(base[j], ts[j], alpha=alpha, out=o)  # type: ignore[arg-type]
+                else:
+                    fresh.append(j)
+            if fresh:
+                for j, w in zip(fresh, torch._foreach_add([base[j] for j in fresh], [ts[j] for j in fresh], alpha=alpha)):
                     new[j] = w
-            else:
-                torch._foreach_add_([base[j] for j in idx], [first[j][0] for j in idx], alpha=alpha)
-        for pos in range(1, max(len(tt) for tt in terms)):  # further terms in the reference's order
-            rest = [(j, tt[pos][0], tt[pos][1]) for j, tt in enumerate(terms) if len(tt) > pos]
-            for alpha, idx in _buckets([a for _, _, a in rest]).items():
-                torch._foreach_add_([new[rest[k][0]] for k in idx], [rest[k][1] for k in idx], alpha=alpha)
-        if self.keep_previous_weights:
+        for name, alpha, idx in plan.rest:  # further terms, in the reference's order per tensor
+            ts = source[name]
+            torch._foreach_add_([new[j] for j in idx], [ts[j] for j in idx], alpha=alpha)
+        if keep_previous:
             for p, w in zip(params, new):
                 p.data = w
+
+
+class _StagesPlan:
+    """Which multi-tensor call each tensor of :meth:`PipelineSGD._step_stages_together` takes part in."""
+
+    def __init__(self, key: tuple, stages: list[tuple[dict[str, Any], list[Tensor], Any]]) -> None:
+        self.key = key
+        self.params: list[Tensor] = [p for _, ps, _ in stages for p in ps]
+        coupled: list[float] = []
+        moms: list[Optional[float]] = []
+        self.decay_idx: list[int] = []
+        self.decay: list[float] = []
+        terms: list[tuple[tuple[str, float], ...]] = []  # per tensor: (source, alpha = -η c) per term
+        j = 0
+        for (_, ps, lr), entry in zip(stages, key):
+            _, _, mom, cwd, dwd, coefs, _ = entry
+            for _ in ps:
+                coupled.append(cwd)
+                moms.append(mom)
+                if dwd != 0.0:
+                    self.decay_idx.append(j)
+                    self.decay.append(1.0 - lr * dwd)
+                terms.append(tuple((name, -lr * c) for name, c in coefs))
+                j += 1
+        self.coupled_wd = [(wd, idx) for wd, idx in _buckets(coupled).items() if wd != 0.0]
+        self.vidx = [j for j, m in enumerate(moms) if m is not None]
+        vm = [moms[j] for j in self.vidx]
+        self.momentum: Any = vm[0] if vm and all(m == vm[0] for m in vm) else vm
+        self.first = [(name, alpha, idx) for (name, alpha), idx in _buckets([t[0] for t in terms]).items()]
+        self.rest = []
+        for pos in range(1, max((len(t) for t in terms), default=0)):
+            rows = [j for j, t in enumerate(terms) if len(t) > pos]
+            for (name, alpha), idx in _buckets([terms[j][pos] for j in rows]).items():
+                self.rest.append((name, alpha, [rows[k] for k in idx]))
 
 
 def _buckets(keys: list[Any]) -> dict[Any, list[int]]:
