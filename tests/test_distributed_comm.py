@@ -171,7 +171,7 @@ def _measured_job(comm: PipelineComm, out: str) -> None:
                             momentum=MOMENTUM, weight_decay=WD, assignment="measured",
                             sample_input=make_batches("mlp")[0][0])
     stats = engine.run(make_batches("mlp"), MICROBATCHES)
-    torch.save({"alone": alone, "ranges": ranges, "losses": stats.losses,
+    torch.save({"alone": alone, "ranges": [[r.start, r.stop] for r in ranges], "losses": stats.losses,
                 "params": {slot.index: [p.detach().clone() for p in slot.params] for slot in engine.slots}},
                Path(out, f"rank{comm.rank}.pt"))
 
@@ -184,7 +184,7 @@ def test_measured_assignment_is_agreed_by_all_ranks_and_run_equals_simulator(tmp
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     alone = [assign_stages_from(r["alone"]) for r in ranks]
     assert alone == [[range(0, 1), range(1, 4)], [range(0, 3), range(3, 4)]], "each rank's own timing differs"
-    assert ranks[0]["ranges"] == ranks[1]["ranges"] == [range(0, 2), range(2, 4)], "one assignment, the average's"
+    assert ranks[0]["ranges"] == ranks[1]["ranges"] == [[0, 2], [2, 4]], "one assignment, the average's"
     ref_params, ref_losses = simulator_reference("mlp", "pb+sc+lwp")
     for res in ranks:
         for s, params in res["params"].items():
