@@ -1,20 +1,25 @@
-"""Distributed engine vs torch.distributed.pipelining on the same model and stages (gloo on CPU).
+"""Distributed engine vs torch.distributed.pipelining on the same model, stages and ranks (gloo on CPU).
 
-For each process count P the model is an MLP of P equal hidden blocks (Linear+ReLU, the classifier joins
-the last), split into P stages, one per rank. All schedules see the same samples at the same micro-batch
-size ``b``:
+For each process count P the model is an MLP of ``--blocks`` equal hidden blocks (Linear+ReLU, default P;
+the classifier joins the last), one pipeline stage per block. The stages are assigned to ranks once per
+launch (``--assignment``, default ``measured``: balanced by timed stage cost, agreed by all ranks) and
+every schedule runs exactly those stage modules on those ranks, on the same samples at the same
+micro-batch size ``b``, with one thread per rank:
 
 * **pipeprop PB**: the asynchronous engine (:mod:`pipeprop.distributed`), one update per micro-batch,
   no flush;
 * **GPipe** and **1F1B** (``torch.distributed.pipelining``): ``M`` micro-batches per mini-batch, fill and
   drain for every optimizer step.
 
-Reported per schedule: samples/s, and every rank's busy fraction = compute time / wall time, where
-compute is the time spent in the rank's stage forward, backward (from the output's gradient to the
-input's, timed by autograd markers around the stage) and optimizer steps: the engine's own counters for
-PB, the same events for the torch schedules. The analytic bubble of fill-and-drain is (S-1)/(M+S-1).
+After a warm-up of every schedule, ``--rounds`` timed rounds run the schedules interleaved (the order
+alternating), and the medians are reported: samples/s, every rank's busy fraction = compute time / wall
+time (compute = the rank's stage forwards, backwards down to the input's gradient, and optimizer steps:
+the engine's own counters for PB, autograd markers around the stage for the torch schedules), PB over
+1F1B (median of the per-round ratios) and where PB's time goes on each rank (forward, backward, update,
+send, recv, other). The analytic bubble of fill-and-drain is (P-1)/(M+P-1).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --nproc 2 4 --samples 1024 --micro-batch 16 --chunks 8
+    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --nproc 2 --micro-batch 16 --samples 1024
+    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --nproc 2 --micro-batch 1 --samples 384 --schedules pb 1f1b
 
 Numbers from a shared 2-core machine are noisy; compare ratios within one run only.
 """

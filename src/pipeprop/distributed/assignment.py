@@ -145,7 +145,8 @@ def measure_stage_times(
                         else [None] * len(wrt)
                     )
                     with torch.no_grad():
-                        g = [gr if gr is not None else torch.zeros_like(w) for gr, w in zip(grads[: len(params)], weights)]
+                        g = [gr if gr is not None else torch.zeros_like(w)
+                             for gr, w in zip(grads[: len(params)], weights)]
                         if weights:
                             torch._foreach_mul_(velocity, momentum)
                             torch._foreach_add_(velocity, g)

@@ -1,13 +1,14 @@
 """Point-to-point channels between neighbouring pipeline ranks on torch.distributed (c10d).
 
 Each message is a *payload*: a tensor, ``None`` or a tuple/list of tensors and ``None`` (e.g. a residual
-block's ``(h, skip)``). It travels as one ``uint8`` message whose size the receiver knows in advance (the
-layout, i.e. structure, dtypes and shapes, is sent only when it changes; see :class:`Inbox`), so the
-receive of the next message is always posted ahead and the received tensors are views into it. Activations and errors use two
-separate process groups, so each channel is one-directional on its own communicator (NCCL serializes the
-operations of one communicator per peer; two directions on one would deadlock). ``batch_isend_irecv`` is
-not used (it hangs on gloo). Every wait has a timeout; a dead or hanging peer raises
-:class:`PeerTimeoutError` or :class:`PeerLostError` with a message that names the peer and the step.
+block's ``(h, skip)``). It travels as one ``uint8`` message whose size the receiver knows in advance
+(the layout, i.e. structure, dtypes and shapes, is sent only when it changes; see :class:`Inbox`), so
+the receive of the next message is posted ahead and the received tensors are views into its buffer.
+Activations and errors use two separate process groups, so each channel is one-directional on its own
+communicator (NCCL serializes the operations of one communicator per peer; two directions on one would
+deadlock). ``batch_isend_irecv`` is not used (it hangs on gloo). Every wait has a timeout; a dead or
+hanging peer raises :class:`PeerTimeoutError` or :class:`PeerLostError` with a message that names the
+peer and the step.
 """
 
 from __future__ import annotations
