@@ -55,8 +55,8 @@ def build_pipeline(
     ``"flops"`` and ``"measured"`` need ``sample_input`` (one micro-batch), as does a model that is not an
     ``nn.Sequential`` of layers (its forward is captured as a graph on it). ``"measured"`` times every stage
     on every rank and balances the ranks' average (collective: all ranks build at the same point).
-    ``lr_schedule`` scales each stage's learning rate at its update count (:meth:`~pipeprop.optim.PipelineOptimizer.set_lr_schedule`), as in the simulator's
-    runner. Extra ``options`` go to the method's optimizer.
+    ``lr_schedule`` scales each stage's learning rate at its update count
+    (:meth:`~pipeprop.optim.PipelineOptimizer.set_lr_schedule`), as in the simulator's runner. Extra ``options`` go to the method's optimizer.
     Only this rank's stages are moved to ``device``.
     """
     spec = get_method(method)
