@@ -18,8 +18,8 @@ the engine's own counters for PB, autograd markers around the stage for the torc
 1F1B (median of the per-round ratios) and where PB's time goes on each rank (forward, backward, update,
 send, recv, other). The analytic bubble of fill-and-drain is (P-1)/(M+P-1).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --nproc 2 --micro-batch 16 --samples 1024
-    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --nproc 2 --micro-batch 1 --samples 384 --schedules pb 1f1b
+    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --nproc 2 --schedules pb 1f1b   # b = 16 and b = 1 rows
+    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --nproc 2 4 --micro-batch 16     # all three schedules
 
 Numbers from a shared 2-core machine are noisy; compare ratios within one run only.
 """
@@ -232,8 +232,8 @@ def main() -> None:
     p.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--blocks", type=int, default=None, help="hidden blocks = pipeline stages (default: P)")
-    p.add_argument("--samples", type=int, default=1024)
-    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, nargs="+", default=[16, 1], help="micro-batch sizes b (a row set each)")
+    p.add_argument("--samples", type=int, default=None, help="samples per run (default: 1024 for b >= 16, else 384)")
     p.add_argument("--chunks", type=int, default=8, help="micro-batches per GPipe/1F1B mini-batch (M)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (medians reported)")
     p.add_argument("--assignment", default="measured", help="stages per rank for every schedule (PB's options)")
@@ -244,30 +244,35 @@ def main() -> None:
     import tempfile
 
     rows = []
-    for world in args.nproc:
-        run_args = argparse.Namespace(**{**vars(args), "blocks": args.blocks or world})
-        with tempfile.TemporaryDirectory() as tmp:
-            rows += bench(world, run_args, Path(tmp))
-    print(f"\nMLP width {args.width}, micro-batch b={args.micro_batch}, M={args.chunks} micro-batches per "
-          f"GPipe/1F1B step, {args.samples} samples, gloo on CPU, one thread per rank, assignment "
-          f"{args.assignment!r}, median of {args.rounds} interleaved rounds, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs\n")
-    print("| P | S | stages per rank | schedule | samples/s | busy fraction per rank (compute/wall) | analytic bubble (P-1)/(M+P-1) |")
-    print("|---|---|---|---|---:|---|---:|")
+    for b in args.micro_batch:
+        for world in args.nproc:
+            samples = args.samples or (1024 if b >= 16 else 384)
+            run_args = argparse.Namespace(**{**vars(args), "blocks": args.blocks or world, "micro_batch": b,
+                                             "samples": samples})
+            with tempfile.TemporaryDirectory() as tmp:
+                rows += [{**r, "b": b} for r in bench(world, run_args, Path(tmp))]
+    print(f"\nMLP width {args.width}, M={args.chunks} micro-batches per GPipe/1F1B step, gloo on CPU, one thread "
+          f"per rank, assignment {args.assignment!r}, median of {args.rounds} interleaved rounds, torch "
+          f"{torch.__version__}, {os.cpu_count()} CPUs\n")
+    print("| b | P | S | stages per rank | schedule | samples | samples/s | busy fraction per rank (compute/wall) "
+          "| analytic bubble (P-1)/(M+P-1) |")
+    print("|---|---|---|---|---|---:|---:|---|---:|")
     for r in rows:
         busy = ", ".join(f"{v:.2f}" for v in r["busy"])
         counts = ",".join(map(str, r["stages_per_rank"]))
-        print(f"| {r['P']} | {r['S']} | {counts} | {r['schedule']} | {r['samples_per_s']:.0f} | {busy} | {r['bubble']:.3f} |")
+        print(f"| {r['b']} | {r['P']} | {r['S']} | {counts} | {r['schedule']} | {r['samples']} | {r['samples_per_s']:.0f} "
+              f"| {busy} | {r['bubble']:.3f} |")
+    print()
     for r in rows:
         if "ratio_vs_1f1b" in r:
             rounds = ", ".join(f"{v:.0f}" for v in r["samples_per_s_rounds"])
-            print(f"\nP={r['P']}: PB / 1F1B samples/s = {r['ratio_vs_1f1b']:.2f}x (median of per-round ratios; "
-                  f"PB per round: {rounds})")
+            print(f"b={r['b']} P={r['P']}: PB / 1F1B samples/s = {r['ratio_vs_1f1b']:.2f}x (median of per-round "
+                  f"ratios; PB per round: {rounds})")
     print("\nWhere PB's time goes (fraction of each rank's wall time, median round):\n")
     for r in rows:
         if r["breakdown"][0]:
             for k, br in enumerate(r["breakdown"]):
-                print(f"P={r['P']} rank {k}: " + ", ".join(f"{key} {v:.2f}" for key, v in br.items()))
+                print(f"b={r['b']} P={r['P']} rank {k}: " + ", ".join(f"{key} {v:.2f}" for key, v in br.items()))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
 
