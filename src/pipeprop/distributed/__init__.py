@@ -17,7 +17,7 @@ In your own ``torchrun`` script: ``init_process_group``, :meth:`PipelineComm.fro
 :func:`build_pipeline`, then :meth:`DistributedPipeline.run`.
 """
 
-from .assignment import assign_stages, balance_stages, stage_costs
+from .assignment import assign_stages, balance_stages, measure_stage_times, stage_costs
 from .build import build_pipeline, check_method
 from .comm import PeerLostError, PeerTimeoutError, PipelineComm, PipelineCommError
 from .engine import DistributedPipeline, RunStats
@@ -34,6 +34,7 @@ __all__ = [
     "assign_stages",
     "balance_stages",
     "stage_costs",
+    "measure_stage_times",
     "launch",
     "run_distributed",
     "DistributedRunError",

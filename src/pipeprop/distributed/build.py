@@ -52,10 +52,11 @@ def build_pipeline(
     """Partition ``model`` (built identically on every rank), keep this rank's stages and build its engine.
 
     ``assignment`` maps stages to ranks (see :func:`~pipeprop.distributed.assignment.assign_stages`);
-    ``"flops"`` needs ``sample_input`` (one micro-batch), as does a model that is not an ``nn.Sequential`` of
-    layers (its forward is captured as a graph on it). ``lr_schedule`` scales each stage's learning rate
-    at its update count (:meth:`~pipeprop.optim.PipelineOptimizer.set_lr_schedule`), as in the simulator's
-    runner. Extra ``options`` go to the method's optimizer.
+    ``"flops"`` and ``"measured"`` need ``sample_input`` (one micro-batch), as does a model that is not an
+    ``nn.Sequential`` of layers (its forward is captured as a graph on it). ``"measured"`` times every stage
+    on every rank and balances the ranks' average (collective: all ranks build at the same point).
+    ``lr_schedule`` scales each stage's learning rate at its update count
+    (:meth:`~pipeprop.optim.PipelineOptimizer.set_lr_schedule`), as in the simulator's runner. Extra ``options`` go to the method's optimizer.
     Only this rank's stages are moved to ``device``.
     """
     spec = get_method(method)
@@ -63,7 +64,7 @@ def build_pipeline(
     part = model if isinstance(model, Partition) else make_partition(model, partition, example_input=sample_input)
     if part.shared_parameters():
         raise ValueError("a parameter is read by several stages (tied weights); the distributed engine does not support that yet: use the simulator")
-    ranges = assign_stages(part.stages, comm.world_size, assignment, sample_input)
+    ranges = assign_stages(part.stages, comm.world_size, assignment, sample_input, comm=comm)
     mine = ranges[comm.rank]
     stages = [part.stages[s] for s in mine]
     if device is not None:

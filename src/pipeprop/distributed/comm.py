@@ -1,12 +1,14 @@
 """Point-to-point channels between neighbouring pipeline ranks on torch.distributed (c10d).
 
 Each message is a *payload*: a tensor, ``None`` or a tuple/list of tensors and ``None`` (e.g. a residual
-block's ``(h, skip)``). It travels as a fixed-size int64 header (structure, dtypes, shapes; so shapes may
-change from message to message) followed by one ``isend`` per tensor. Activations and errors use two
-separate process groups, so each channel is one-directional on its own communicator (NCCL serializes the
-operations of one communicator per peer; two directions on one would deadlock). ``batch_isend_irecv`` is
-not used (it hangs on gloo). Every wait has a timeout; a dead or hanging peer raises
-:class:`PeerTimeoutError` or :class:`PeerLostError` with a message that names the peer and the step.
+block's ``(h, skip)``). It travels as one ``uint8`` message whose size the receiver knows in advance
+(the layout, i.e. structure, dtypes and shapes, is sent only when it changes; see :class:`Inbox`), so
+the receive of the next message is posted ahead and the received tensors are views into its buffer.
+Activations and errors use two separate process groups, so each channel is one-directional on its own
+communicator (NCCL serializes the operations of one communicator per peer; two directions on one would
+deadlock). ``batch_isend_irecv`` is not used (it hangs on gloo). Every wait has a timeout; a dead or
+hanging peer raises :class:`PeerTimeoutError` or :class:`PeerLostError` with a message that names the
+peer and the step.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ __all__ = [
     "Inbox",
     "encode_header",
     "decode_header",
+    "describe",
+    "message_bytes",
     "HEADER_SIZE",
 ]
 
@@ -55,6 +59,9 @@ _DTYPES: tuple[torch.dtype, ...] = (
 )
 _NONE = -1
 _KIND_TENSOR, _KIND_SEQUENCE, _KIND_NONE = 0, 1, 2
+_MSG_DATA, _MSG_LAYOUT = 0, 1  # message kinds (first int64 of a message)
+_PREFIX = 16  # bytes before a message's first tensor
+_ALIGN = 16  # tensors start at multiples of this many bytes
 
 
 class PipelineCommError(RuntimeError):
@@ -84,19 +91,19 @@ def _leaves(payload: Payload) -> tuple[int, list[Optional[Tensor]]]:
     )
 
 
-def encode_header(payload: Payload) -> tuple[Tensor, list[Tensor]]:
-    """The int64 header describing ``payload`` and the (contiguous) tensors to send after it."""
-    kind, leaves = _leaves(payload)
-    fields = [kind, len(leaves)]
-    tensors: list[Tensor] = []
-    for t in leaves:
-        if t is None:
+@dataclass
+class _Layout:
+    kind: int
+    specs: list[Optional[tuple[torch.dtype, tuple[int, ...]]]]
+
+
+def _header_of(layout: _Layout) -> Tensor:
+    fields = [layout.kind, len(layout.specs)]
+    for spec in layout.specs:
+        if spec is None:
             fields.append(_NONE)
-            continue
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"cannot send a tensor of dtype {t.dtype} between pipeline ranks")
-        fields += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
-        tensors.append(t.detach().contiguous())
+        else:
+            fields += [_DTYPES.index(spec[0]), len(spec[1]), *spec[1]]
     if len(fields) > HEADER_SIZE:
         raise ValueError(
             f"a pipeline message needs {len(fields)} header fields (> {HEADER_SIZE}): send fewer or "
@@ -104,13 +111,13 @@ def encode_header(payload: Payload) -> tuple[Tensor, list[Tensor]]:
         )
     header = torch.zeros(HEADER_SIZE, dtype=torch.int64)
     header[: len(fields)] = torch.tensor(fields, dtype=torch.int64)
-    return header, tensors
+    return header
 
 
-@dataclass
-class _Layout:
-    kind: int
-    specs: list[Optional[tuple[torch.dtype, tuple[int, ...]]]]
+def encode_header(payload: Payload) -> tuple[Tensor, list[Tensor]]:
+    """The int64 header describing ``payload`` and the (contiguous) tensors it holds."""
+    layout, tensors = describe(payload)
+    return _header_of(layout), [t.contiguous() for t in tensors]
 
 
 def decode_header(header: Tensor) -> _Layout:
@@ -261,33 +268,103 @@ class PipelineComm:
             raise _classify(err, what) from err
 
 
+def _nbytes(spec: tuple[torch.dtype, tuple[int, ...]]) -> int:
+    dtype, shape = spec
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def describe(payload: Payload) -> tuple[_Layout, list[Tensor]]:
+    """The layout of ``payload`` (structure, dtypes, shapes) and its tensors, without building a header."""
+    kind, leaves = _leaves(payload)
+    specs: list[Optional[tuple[torch.dtype, tuple[int, ...]]]] = []
+    tensors: list[Tensor] = []
+    for t in leaves:
+        if t is None:
+            specs.append(None)
+            continue
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"cannot send a tensor of dtype {t.dtype} between pipeline ranks")
+        specs.append((t.dtype, tuple(t.shape)))
+        tensors.append(t.detach())
+    return _Layout(kind, specs), tensors
+
+
+def message_bytes(layout: Optional[_Layout]) -> int:
+    """Size of one message carrying ``layout`` (``None``: the first message of a channel, a layout):
+    a 16-byte prefix, then every tensor at a 16-byte aligned offset; never smaller than a layout message."""
+    data = 0 if layout is None else sum(_aligned(_nbytes(spec)) for spec in layout.specs if spec is not None)
+    return _PREFIX + max(data, 8 * HEADER_SIZE)
+
+
+def _views(layout: _Layout, buf: Tensor) -> list[Tensor]:
+    """The tensors of ``layout`` as views into the message buffer ``buf`` (no copy)."""
+    out, off = [], _PREFIX
+    for spec in layout.specs:
+        if spec is None:
+            continue
+        n = _nbytes(spec)
+        out.append(buf[off : off + n].view(spec[0]).view(spec[1]))
+        off += _aligned(n)
+    return out
+
+
 class Outbox:
-    """Sends payloads to one peer; at most ``capacity`` messages may be in flight (older ones are awaited)."""
+    """Sends payloads to one peer, one message each (see :class:`Inbox` for the format); at most
+    ``capacity`` messages may be in flight (the oldest is awaited, and its buffer reused, beyond that)."""
 
     def __init__(self, comm: PipelineComm, peer: int, group: Any, *, capacity: int, what: str) -> None:
         if capacity < 1:
             raise ValueError(f"queue capacity must be >= 1, got {capacity}")
         self.comm, self.peer, self.group, self.capacity, self.what = comm, peer, group, capacity, what
-        self._pending: deque[tuple[list[Any], list[Tensor], str]] = deque()
+        self._pending: deque[tuple[Any, Tensor, str]] = deque()
+        self._free: dict[int, list[Tensor]] = {}  # sent buffers, by size, ready for reuse
+        self._peer_layout: Optional[_Layout] = None  # the layout the receiver expects next
         self.wait_seconds = 0.0
+        self.messages = 0
+        self.layout_messages = 0
 
-    def put(self, payload: Payload, label: str) -> None:
-        header, tensors = encode_header(payload)
-        dev = self.comm.device
-        header = header.to(dev)
-        tensors = [t.to(dev) for t in tensors]
+    def _buffer(self, nbytes: int) -> Tensor:
+        free = self._free.get(nbytes)
+        if free:
+            return free.pop()
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.comm.device)
+
+    def _send(self, buf: Tensor, kind: int, label: str) -> None:
+        buf[:8].view(torch.int64).fill_(kind)
         what = f"rank {self.comm.rank}: sending {self.what} {label} to rank {self.peer}"
-        works = [self.comm.isend(t, self.peer, self.group, what) for t in (header, *tensors)]
-        self._pending.append((works, [header, *tensors], label))
+        self._pending.append((self.comm.isend(buf, self.peer, self.group, what), buf, label))
+        self.messages += 1
         while len(self._pending) > self.capacity:
             self._wait_oldest()
 
+    def put(self, payload: Payload, label: str) -> None:
+        layout, tensors = describe(payload)
+        if layout != self._peer_layout:
+            # the receiver has posted a receive for the old layout's size: tell it the new layout first
+            header = _header_of(layout)
+            buf = self._buffer(message_bytes(self._peer_layout))
+            buf[_PREFIX : _PREFIX + 8 * HEADER_SIZE].view(torch.int64).copy_(header)
+            self._send(buf, _MSG_LAYOUT, label)
+            self.layout_messages += 1
+            self._peer_layout = layout
+        buf = self._buffer(message_bytes(layout))
+        for view, t in zip(_views(layout, buf), tensors):
+            view.copy_(t)
+        self._send(buf, _MSG_DATA, label)
+
     def _wait_oldest(self) -> None:
-        works, _, label = self._pending.popleft()
+        work, buf, label = self._pending.popleft()
         t0 = time.perf_counter()
-        for w in works:
-            self.comm.wait(w, f"rank {self.comm.rank}: sending {self.what} {label} to rank {self.peer}")
+        self.comm.wait(work, f"rank {self.comm.rank}: sending {self.what} {label} to rank {self.peer}")
         self.wait_seconds += time.perf_counter() - t0
+        self._free.setdefault(buf.numel(), []).append(buf)
 
     def flush(self) -> None:
         while self._pending:
@@ -298,37 +375,53 @@ class Outbox:
 
 
 class Inbox:
-    """Receives ``expected`` payloads from one peer, keeping the next header receive posted ahead."""
+    """Receives ``expected`` payloads from one peer, keeping the receive of the next message posted ahead.
+
+    **Message format.** Every payload travels as *one* message: a ``uint8`` buffer holding a 16-byte prefix
+    (the message kind) and the payload's tensors at 16-byte aligned offsets. Both sides know the size of
+    the next message, because both track the layout (structure, dtypes, shapes) the receiver expects: the
+    previous payload's. So the receive of message ``k + 1`` is posted (into a buffer allocated ahead) as
+    soon as message ``k`` arrived, and in steady state there is no header, no shape exchange and no
+    serialization: the received tensors are views into the buffer. When the layout changes (the first
+    message, a smaller last micro-batch, varying shapes) the sender first sends a *layout message* of the
+    size the receiver expects, holding the new header (:func:`encode_header`), then the payload.
+    """
 
     def __init__(self, comm: PipelineComm, peer: int, group: Any, *, expected: int, what: str) -> None:
         self.comm, self.peer, self.group, self.what = comm, peer, group, what
         self.remaining = int(expected)
-        self._header: Optional[Tensor] = None
+        self._layout: Optional[_Layout] = None
+        self._buf: Optional[Tensor] = None
         self._work: Any = None
         self.wait_seconds = 0.0
         self._post()
 
     def _post(self) -> None:
         if self._work is None and self.remaining > 0:
-            self._header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=self.comm.device)
+            self._buf = torch.empty(message_bytes(self._layout), dtype=torch.uint8, device=self.comm.device)
             what = f"rank {self.comm.rank}: receiving {self.what} from rank {self.peer}"
-            self._work = self.comm.irecv(self._header, self.peer, self.group, what)
+            self._work = self.comm.irecv(self._buf, self.peer, self.group, what)
 
     def get(self, label: str) -> Payload:
-        """The next payload (blocks at most the timeout per message part)."""
+        """The next payload (blocks at most the timeout per message)."""
         if self.remaining <= 0 or self._work is None:
             raise PipelineCommError(f"rank {self.comm.rank}: no more {self.what} expected from rank {self.peer}")
         what = f"rank {self.comm.rank}: waiting for {self.what} {label} from rank {self.peer}"
         t0 = time.perf_counter()
-        self.comm.wait(self._work, what)
-        assert self._header is not None
-        layout = decode_header(self._header.cpu())
-        tensors = [torch.empty(spec[1], dtype=spec[0], device=self.comm.device) for spec in layout.specs if spec is not None]
-        works = [self.comm.irecv(t, self.peer, self.group, what) for t in tensors]
-        for w in works:
-            self.comm.wait(w, what)
+        while True:
+            self.comm.wait(self._work, what)
+            buf, self._work = self._buf, None
+            assert buf is not None
+            kind = int(buf[:8].view(torch.int64)[0])
+            if kind == _MSG_DATA and self._layout is not None:
+                break
+            if kind != _MSG_LAYOUT:
+                raise PipelineCommError(
+                    f"{what}: received a corrupt message (kind {kind}); are both ranks the same pipeprop version?"
+                )
+            self._layout = decode_header(buf[_PREFIX : _PREFIX + 8 * HEADER_SIZE].view(torch.int64).cpu())
+            self._post()
         self.wait_seconds += time.perf_counter() - t0
         self.remaining -= 1
-        self._work = None
         self._post()
-        return _assemble(layout, tensors)
+        return _assemble(self._layout, _views(self._layout, buf))

@@ -30,7 +30,12 @@ from ..simulator import WEIGHT_MODES, DivergenceError
 from .comm import Inbox, Outbox, Payload, PipelineComm
 from .stage import PipelineStage, as_input, detached, to_device
 
-__all__ = ["DistributedPipeline", "RunStats"]
+__all__ = ["DistributedPipeline", "RunStats", "TIME_KEYS"]
+
+#: where a rank's time goes (:attr:`RunStats.times`): stage forwards (with the loss), backwards, the
+#: optimizer step, posting/awaiting sends, waiting for a neighbour's message
+TIME_KEYS = ("forward", "backward", "update", "send", "recv")
+COMPUTE_KEYS = ("forward", "backward", "update")
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -48,6 +53,7 @@ class RunStats:
     wait: float
     losses: list[float] = field(default_factory=list)
     completed: bool = True
+    times: dict[str, float] = field(default_factory=dict)
 
     @property
     def busy_fraction(self) -> float:
@@ -65,7 +71,17 @@ class RunStats:
             "wait": self.wait,
             "busy_fraction": self.busy_fraction,
             "completed": self.completed,
+            "times": dict(self.times),
         }
+
+    def breakdown(self) -> dict[str, float]:
+        """Fractions of the wall time per :data:`TIME_KEYS` entry, plus ``"other"`` (the loop's own Python
+        bookkeeping, data reading, checkpoints and callbacks)."""
+        if self.wall <= 0:
+            return {}
+        out = {k: self.times.get(k, 0.0) / self.wall for k in TIME_KEYS}
+        out["other"] = max(0.0, 1.0 - sum(out.values()))
+        return out
 
 
 class DistributedPipeline:
@@ -162,7 +178,7 @@ class DistributedPipeline:
         self._pre_act: dict[int, Payload] = {}  # messages received ahead (at a checkpoint)
         self._pre_err: dict[int, Payload] = {}
         self._targets: dict[int, Any] = {}
-        self._compute = 0.0
+        self._times = dict.fromkeys(TIME_KEYS, 0.0)
 
     @property
     def keep_forward_state(self) -> bool:
@@ -230,19 +246,24 @@ class DistributedPipeline:
               out_act: Optional[Outbox], out_err: Optional[Outbox]) -> None:
         S, M = self.num_stages, self.num_microbatches
         assert M is not None
+        tm = self._times
+        clock = time.perf_counter
         # forwards, last local stage first: inputs from local stages are ready, the neighbour's comes last
         for slot in reversed(self.slots):
             s, n = slot.index, self._fwd_mb(t, slot.index)
             if not 0 <= n < M:
                 continue
+            t0 = clock()
             if s == 0:
                 inputs = self._input(it, n)
             elif s == self.first:
                 raw = self._pre_act.pop(n) if n in self._pre_act else inbox_act.get(f"of micro-batch {n} (step {t})")
+                t1 = clock()
+                tm["recv"] += t1 - t0
+                t0 = t1
                 inputs = as_input(raw, self.device)
             else:
                 inputs = self._acts.pop((s, n))
-            t0 = time.perf_counter()
             output = slot.forward(n, inputs)
             if s == S - 1:
                 target = self._target(it, n)
@@ -254,41 +275,48 @@ class DistributedPipeline:
                 self.losses.append(value)
             elif s == self.last:
                 assert out_act is not None
-                self._compute += time.perf_counter() - t0
+                t1 = clock()
+                tm["forward"] += t1 - t0
                 out_act.put(detached(output), f"of micro-batch {n} (step {t})")
+                tm["send"] += clock() - t1
                 continue
             else:
                 self._acts[(s + 1, n)] = as_input(output, self.device)
-            self._compute += time.perf_counter() - t0
+            tm["forward"] += clock() - t0
         # backwards, first local stage first: the neighbour's error is needed last
         for slot in self.slots:
             s, n = slot.index, self._bwd_mb(t, slot.index)
             if not 0 <= n < M:
                 continue
+            t0 = clock()
             if s == S - 1:
                 error = None
             elif s == self.last:
                 error = self._pre_err.pop(n) if n in self._pre_err else inbox_err.get(f"of micro-batch {n} (step {t})")
+                t1 = clock()
+                tm["recv"] += t1 - t0
+                t0 = t1
             else:
                 error = self._errs.pop((s, n))
-            t0 = time.perf_counter()
             grad_in = slot.backward(n, error)
             if s == 0:
                 pass
             elif s == self.first:
                 assert out_err is not None
-                self._compute += time.perf_counter() - t0
+                t1 = clock()
+                tm["backward"] += t1 - t0
                 out_err.put(grad_in, f"of micro-batch {n} (step {t})")
+                tm["send"] += clock() - t1
                 continue
             else:
                 self._errs[(s - 1, n)] = grad_in
-            self._compute += time.perf_counter() - t0
-        t0 = time.perf_counter()
+            tm["backward"] += clock() - t0
+        t0 = clock()
         self.optimizer.step()
         for slot in self.slots:
             for p in slot.params:
                 p.grad = None
-        self._compute += time.perf_counter() - t0
+        tm["update"] += clock() - t0
 
     def _receives(self, start: int, stop: int) -> tuple[int, int]:
         """Messages (activations, errors) this rank takes from its neighbours in steps ``start..stop-1``."""
@@ -355,7 +383,7 @@ class DistributedPipeline:
         it = iter(batches) if batches is not None else iter(())
         comm.barrier(self.startup_timeout)  # every rank has built its stages: from here on waits are per message
         bar = _progress_bar(stop - start, progress, f"rank {r}")
-        self._compute = 0.0
+        self._times = dict.fromkeys(TIME_KEYS, 0.0)
         t_start = time.perf_counter()
         for t in range(start, stop):
             self._step(t, it, inbox_act, inbox_err, out_act, out_err)
@@ -389,10 +417,11 @@ class DistributedPipeline:
             steps=stop - start,
             microbatches=self.num_microbatches,
             wall=wall,
-            compute=self._compute,
+            compute=sum(self._times[k] for k in COMPUTE_KEYS),
             wait=waits,
             losses=list(self.losses),
             completed=self.step >= total,
+            times=dict(self._times),
         )
 
     # ------------------------------------------------------------------ checkpoints
