@@ -78,7 +78,8 @@ def distributed(micro_batch: int, samples: int, timeout: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, str(Path(__file__).resolve().parent / "bench_distributed.py"), "--nproc", "2",
-               "--micro-batch", str(micro_batch), "--samples", str(samples), "--json", str(out)]
+               "--micro-batch", str(micro_batch), "--samples", str(samples), "--schedules", "pb", "1f1b",
+               "--json", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0 or not out.exists():

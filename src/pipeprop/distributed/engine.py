@@ -312,7 +312,7 @@ class DistributedPipeline:
                 self._errs[(s - 1, n)] = grad_in
             tm["backward"] += clock() - t0
         t0 = clock()
-        self.optimizer.step()
+        self.optimizer.engine_step()
         for slot in self.slots:
             for p in slot.params:
                 p.grad = None

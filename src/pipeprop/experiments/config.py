@@ -70,6 +70,11 @@ class ConfigError(ValueError):
 def _check_counts(text: str) -> str:
     if text in ASSIGNMENT_KINDS:
         return text
+    if text == "measured":
+        raise ValueError("'measured' (stages balanced by timing them) is available from Python, "
+                         "pipeprop.distributed.build_pipeline(..., assignment='measured'); a run of the run driver "
+                         "must be able to resume on the same ranges, so use flops, params, uniform or counts "
+                         "such as '2,1,1' here")
     try:
         counts = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
