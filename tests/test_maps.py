@@ -118,6 +118,25 @@ def test_regime_map_runs_a_tiny_grid(tmp_path: Path) -> None:
     assert paths["plot"].is_file() and "| linear | 0.1 | 7 |" in paths["table"].read_text()
 
 
+def test_regime_map_batches_seeds_and_learning_rates_like_runs_done_one_by_one(tmp_path: Path) -> None:
+    """The runs of one method, rule and delay (2 lrs x 2 seeds) form one batched group; float64 results
+    equal the same runs trained alone through run_sweep."""
+    from pipeprop.experiments.compare import run_sweep
+
+    cfg = tiny(num_threads=1, samples=40, eval_every=40, dtype="float64")
+    lines: list[str] = []
+    cells = regime_map(cfg, tmp_path / "map", offsets=[2], rules=["momentum"], lrs=[0.1, 0.4], methods=["pb+sc"],
+                       seeds=[0, 1], echo=lines.append)
+    assert sum("4 runs batched" in line for line in lines) == 2  # pb+sc and sgd@1, each 2 lrs x 2 seeds
+    for cell in cells:
+        entry = cell["method"]
+        alone, _ = run_sweep(cfg.replace(rule="momentum", lr=cell["lr"], delay_offset=2), tmp_path / "alone" / entry /
+                             str(cell["lr"]), methods=[entry], seeds=[0, 1], batch_runs=1, echo=lambda s: None)
+        for batched, single in zip(cell["runs"], alone):
+            assert batched["lr"] == single["lr"] and batched["seed"] == single["seed"]
+            assert batched["final_train_loss"] == pytest.approx(single["final_train_loss"], abs=1e-9)
+
+
 # ---------------------------------------------------------------- warning
 def _groups(delay: int, momentum: float, **kw) -> list[dict]:
     return [{"delay": delay, "momentum": momentum, "weight_prediction": True, "lwp_mode": "linear", **kw}]

@@ -4,10 +4,11 @@
 delay to every stage, so the network stays the same and only the delays grow) × scaling rule (``linear``:
 momentum kept at the reference value, e.g. 0.9; ``momentum``: the momentum-preserving rule, m → m^(b/B)) ×
 reference learning rate, for several PB methods and seeds, plus SGD at b=1 (no delay) once per rule and
-learning rate as the control. Every cell goes through :func:`~pipeprop.experiments.compare.run_sweep`
-(finished runs reused, interrupted ones resumed). :func:`write_regime_report` writes the cells (mean ± std
-final test accuracy, difference to SGD at b=1, ``D·(1−m)`` and the quadratic analysis' stability gain of
-each method over plain PB at that delay and momentum) and a heat map.
+learning rate as the control. Every run goes through :func:`~pipeprop.experiments.compare.run_plan`
+(finished runs reused, interrupted ones resumed; the seeds and learning rates of one method, rule and delay
+are batched). :func:`write_regime_report` writes the cells (mean ± std final test accuracy, difference to
+SGD at b=1, ``D·(1−m)`` and the quadratic analysis' stability gain of each method over plain PB at that
+delay and momentum) and a heat map.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .checkpoint import atomic_write_text
-from .compare import run_sweep, sweep_dirs
+from .compare import DEFAULT_BATCH_RUNS, run_plan, sweep_dirs
 from .config import ExperimentConfig
 
 __all__ = ["regime_map", "write_regime_report", "REGIME_METHODS"]
@@ -42,35 +43,50 @@ def regime_map(
     lrs: Sequence[float],
     methods: Sequence[str] = REGIME_METHODS,
     seeds: Sequence[int] = (0, 1, 2),
+    batch_runs: Optional[int] = None,
     show_progress: Optional[bool] = None,
     echo: Callable[[str], None] = lambda s: None,
 ) -> list[dict[str, Any]]:
-    """Run the grid; returns one record per (rule, lr, offset, method) with every seed's summary."""
+    """Run the grid; returns one record per (rule, lr, offset, method) with every seed's summary.
+
+    All runs go through one :func:`~pipeprop.experiments.compare.run_plan`, so the runs of one method, rule
+    and delay — every seed *and* every learning rate — train as one batched simulation of up to
+    ``batch_runs`` runs (default: ``len(lrs) × len(seeds)``, at least
+    :data:`~pipeprop.experiments.compare.DEFAULT_BATCH_RUNS`; 1 trains them one by one).
+    """
     if not offsets or min(offsets) < 0:
         raise ValueError(f"offsets must be non-negative extra delays, got {list(offsets)}")
     if not lrs or min(lrs) <= 0:
         raise ValueError(f"lrs must be positive reference learning rates, got {list(lrs)}")
+    if not rules or not methods or not seeds:
+        raise ValueError("the regime map needs at least one rule, one method and one seed")
     if config.micro_batch != 1:
         raise ValueError("the regime map compares methods at b=1; set micro_batch=1")
     out_dir = Path(out_dir)
-    cells: list[dict[str, Any]] = []
+    if batch_runs is None:
+        batch_runs = max(DEFAULT_BATCH_RUNS, len(lrs) * len(seeds))
+    keys: list[tuple[str, float, int, str]] = []  # (rule, lr, offset, method) of every cell, in plan order
+    plan: list[tuple[str, int, ExperimentConfig, Path]] = []
     for rule in rules:
-        for lr in lrs:
-            base = config.replace(rule=rule, lr=lr)
-            for k, offset in enumerate(offsets):
-                entries = list(methods) + ([CONTROL] if k == 0 else [])
-                echo(f"rule={rule} lr={lr:g} delay_offset={offset}: {', '.join(entries)}")
-                cell_dir = _cell_dir(out_dir, rule, lr, offset)
-                summaries, _ = run_sweep(base.replace(delay_offset=offset), cell_dir,
-                                         methods=entries, seeds=list(seeds), show_progress=show_progress, echo=echo)
-                if any(s.get("status") == "interrupted" for s in summaries):
-                    raise KeyboardInterrupt
-                for i, entry in enumerate(entries):
-                    runs = summaries[i * len(seeds):(i + 1) * len(seeds)]
-                    cells.append({"rule": rule, "lr": lr, "delay_offset": offset if entry != CONTROL else 0,
-                                  "method": entry, "runs": runs,
-                                  "dirs": [d for *_, d in sweep_dirs(base, cell_dir, [entry], list(seeds))],
-                                  "lwp_mode": config.method_options.get("lwp_mode", "linear")})
+        for k, offset in enumerate(offsets):
+            entries = list(methods) + ([CONTROL] if k == 0 else [])
+            for entry in entries:
+                for lr in lrs:
+                    base = config.replace(rule=rule, lr=lr, delay_offset=offset)  # sgd@1 has no delay anyway
+                    keys.append((rule, lr, offset if entry != CONTROL else 0, entry))
+                    plan += sweep_dirs(base, _cell_dir(out_dir, rule, lr, offset), [entry], list(seeds))
+    echo(f"regime map: {len(keys)} cells x {len(seeds)} seeds = {len(plan)} runs "
+         f"({', '.join(rules)} rule; lr {', '.join(f'{v:g}' for v in lrs)}; delay_offset {', '.join(map(str, offsets))})")
+    summaries = run_plan(plan, show_progress=show_progress, batch_runs=batch_runs, echo=echo)
+    if any(s is None or s.get("status") == "interrupted" for s in summaries):
+        raise KeyboardInterrupt
+    cells: list[dict[str, Any]] = []
+    n = len(seeds)
+    for c, (rule, lr, offset, entry) in enumerate(keys):
+        part = slice(c * n, (c + 1) * n)
+        cells.append({"rule": rule, "lr": lr, "delay_offset": offset, "method": entry, "runs": summaries[part],
+                      "dirs": [d for *_, d in plan[part]],
+                      "lwp_mode": config.method_options.get("lwp_mode", "linear")})
     return cells
 
 
