@@ -129,7 +129,8 @@ def run_plan(
         resume = batch[0][1]
         if len(batch) > 1 or batch[0][2]:
             idx = [i for i, _, _ in batch]
-            names = ", ".join(f"{plan[i][0]} seed {plan[i][1]}" for i in idx)
+            lr_differs = len({plan[i][2].lr for i in idx}) > 1
+            names = ", ".join(f"{plan[i][0]}{f' lr {plan[i][2].lr:g}' if lr_differs else ''} seed {plan[i][1]}" for i in idx)
             try:
                 group = RunGroup([plan[i][2] for i in idx], [plan[i][3] for i in idx], model_factory=model_factory).setup()
             except ValueError as err:

@@ -155,12 +155,41 @@ def write_regime_report(cells: Sequence[dict[str, Any]], out_dir: Path | str, *,
         div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
         lines.append(f"| {r['rule']} | {r['lr']:g} | {r['max_delay']} | {r['momentum_b']:.5f} | {r['d_one_minus_m']:.2f} | "
                      f"{r['method']} | {acc}{div} | {delta} | {gain} |")
+    lines += ["", *_pivot_tables(rows)]
     atomic_write_text(paths["table"], "\n".join(lines) + "\n")
     _heatmap(rows, paths["plot"], title)
     curves = _learning_curves(cells, out_dir / "regime-curves.png", title)
     if curves is not None:
         paths["curves"] = curves
     return paths
+
+
+def _pivot_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per rule, one line per (max delay, method) and one column per lr: "acc (Δ vs sgd b=1)" [diverged runs]."""
+    lrs = sorted({r["lr"] for r in rows})
+    order = {m: i for i, m in enumerate((CONTROL,) + REGIME_METHODS)}
+    lines: list[str] = []
+    for rule in sorted({r["rule"] for r in rows}):
+        mine = [r for r in rows if r["rule"] == rule]
+        m = mine[0]["momentum_b"]
+        lines += [f"{rule} rule (m = {m:.5g} at b=1): final test acc % (Δ vs sgd b=1; ✗k = k runs diverged)", "",
+                  "| D | D·(1−m) | method | " + " | ".join(f"lr {v:g}" for v in lrs) + " |",
+                  "|---|---|---|" + "---|" * len(lrs)]
+        keys = sorted({(r["max_delay"], r["method"]) for r in mine}, key=lambda k: (k[0], order.get(k[1], 99), k[1]))
+        for delay, method in keys:
+            cells = []
+            for lr in lrs:
+                r = next((r for r in mine if r["max_delay"] == delay and r["method"] == method and r["lr"] == lr), None)
+                if r is None or r["acc_mean"] is None:
+                    cells.append("—")
+                    continue
+                text = f"{r['acc_mean']:.1f}"
+                if method != CONTROL and r["delta_vs_sgd"] is not None:
+                    text += f" ({r['delta_vs_sgd']:+.1f})"
+                cells.append(text + (f" ✗{r['diverged']}" if r["diverged"] else ""))
+            lines.append(f"| {delay} | {delay * (1 - m):.2f} | {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _learning_curves(cells: Sequence[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
@@ -198,14 +227,17 @@ def _heatmap(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     for i, rule in enumerate(rules):
         for j, method in enumerate(methods):
             grid = np.full((len(delays), len(lrs)), np.nan)
+            diverged = np.zeros((len(delays), len(lrs)), dtype=int)
             for r in rows:
                 if r["rule"] == rule and r["method"] == method and r["delta_vs_sgd"] is not None:
                     grid[delays.index(r["max_delay"]), lrs.index(r["lr"])] = r["delta_vs_sgd"]
+                    diverged[delays.index(r["max_delay"]), lrs.index(r["lr"])] = r["diverged"]
             ax = axes[i][j]
             image = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
             for (y, x), v in np.ndenumerate(grid):
                 if np.isfinite(v):
-                    ax.text(x, y, f"{v:+.0f}", ha="center", va="center", fontsize=8)
+                    mark = f"\n✗{diverged[y, x]}" if diverged[y, x] else ""
+                    ax.text(x, y, f"{v:+.0f}{mark}", ha="center", va="center", fontsize=7)
             bottom = i == len(rules) - 1
             ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs] if bottom else [""] * len(lrs), fontsize=8)
             ax.set_yticks(range(len(delays)), [str(d) for d in delays], fontsize=8)
@@ -215,7 +247,7 @@ def _heatmap(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
                 ax.set_ylabel("max delay D")
             if bottom:
                 ax.set_xlabel("reference lr")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="final test acc − sgd (b=1), points")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="final test acc − sgd (b=1), points (✗k: k runs diverged)")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
