@@ -115,7 +115,11 @@ def test_regime_map_runs_a_tiny_grid(tmp_path: Path) -> None:
     assert [c["runs"][0]["max_delay"] for c in cells] == [4, 0, 7]
     assert all(c["runs"][0]["momentum"] == 0.9 for c in cells)  # linear rule keeps the momentum
     paths = write_regime_report(cells, tmp_path, title="tiny")
-    assert paths["plot"].is_file() and "| linear | 0.1 | 7 |" in paths["table"].read_text()
+    table = paths["table"].read_text()
+    assert paths["plot"].is_file() and "| linear | 0.1 | 7 |" in table
+    # pivot: one line per (delay, method), D·(1−m) = 7 × 0.1, accuracy and its difference to sgd at b=1
+    rows = {r["max_delay"]: r for r in summarize_cells(cells) if r["method"] == "pb"}
+    assert f"| 7 | 0.70 | pb | {rows[7]['acc_mean']:.1f} ({rows[7]['delta_vs_sgd']:+.1f})" in table
 
 
 def test_regime_map_batches_seeds_and_learning_rates_like_runs_done_one_by_one(tmp_path: Path) -> None:
