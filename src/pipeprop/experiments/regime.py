@@ -158,9 +158,8 @@ def write_regime_report(cells: Sequence[dict[str, Any]], out_dir: Path | str, *,
     lines += ["", *_pivot_tables(rows)]
     atomic_write_text(paths["table"], "\n".join(lines) + "\n")
     _heatmap(rows, paths["plot"], title)
-    curves = _learning_curves(cells, out_dir / "regime-curves.png", title)
-    if curves is not None:
-        paths["curves"] = curves
+    for curves in _learning_curves(cells, out_dir, title):
+        paths[curves.stem.replace("regime-", "")] = curves  # "curves-linear", "curves-momentum"
     return paths
 
 
@@ -192,20 +191,32 @@ def _pivot_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _learning_curves(cells: Sequence[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
-    """Test accuracy against samples (mean over seeds) of every cell at the largest delay, and of sgd (b=1)."""
+def _learning_curves(cells: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+    """Per rule, test accuracy against samples (mean over seeds) of sgd (b=1) and every PB method in the
+    (delay, lr) cell where the methods' final accuracies differ most (``regime-curves-<rule>.png``)."""
     from .plots import plot_comparison
     from .report import load_run
 
-    deepest = max((c["delay_offset"] for c in cells), default=0)
-    runs = {}
-    for c in cells:
-        if (c["method"] == CONTROL or c["delay_offset"] == deepest) and c.get("dirs"):
-            label = f"{c['method']} {c['rule']} lr {c['lr']:g}" + ("" if c["method"] == CONTROL else f" +{deepest}")
+    def acc(c: dict[str, Any]) -> float:
+        return statistics.fmean(100 * (s.get("final_test_acc") or 0.0) for s in c["runs"])
+
+    written: list[Path] = []
+    for rule in sorted({c["rule"] for c in cells}):
+        groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
+        for c in cells:
+            if c["rule"] == rule and c["method"] != CONTROL and c.get("dirs"):
+                groups.setdefault((c["delay_offset"], c["lr"]), []).append(c)
+        if not groups:
+            continue
+        (offset, lr), chosen = max(groups.items(), key=lambda kv: max(map(acc, kv[1])) - min(map(acc, kv[1])))
+        control = [c for c in cells if c["rule"] == rule and c["lr"] == lr and c["method"] == CONTROL]
+        runs = {}
+        for c in control + chosen:
+            label = c["method"] if c["method"] == CONTROL else f"{c['method']} (max delay {c['runs'][0].get('max_delay')})"
             runs[label] = [load_run(d).metrics for d in c["dirs"] if (Path(d) / "summary.json").is_file()]
-    if not runs:
-        return None
-    return plot_comparison(runs, path, title=f"{title}: sgd (b=1) and the deepest pipeline (delay_offset {deepest})")
+        out = out_dir / f"regime-curves-{rule}.png"
+        written.append(plot_comparison(runs, out, title=f"{title}: {rule} rule, reference lr {lr:g}, delay_offset {offset}"))
+    return written
 
 
 def _heatmap(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
