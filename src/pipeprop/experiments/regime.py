@@ -75,7 +75,7 @@ def regime_map(
                     base = config.replace(rule=rule, lr=lr, delay_offset=offset)  # sgd@1 has no delay anyway
                     keys.append((rule, lr, offset if entry != CONTROL else 0, entry))
                     plan += sweep_dirs(base, _cell_dir(out_dir, rule, lr, offset), [entry], list(seeds))
-    echo(f"regime map: {len(keys)} cells x {len(seeds)} seeds = {len(plan)} runs "
+    echo(f"regime map: {len(plan)} runs = {len(keys)} (rule, delay, lr, method) entries x {len(seeds)} seeds "
          f"({', '.join(rules)} rule; lr {', '.join(f'{v:g}' for v in lrs)}; delay_offset {', '.join(map(str, offsets))})")
     summaries = run_plan(plan, show_progress=show_progress, batch_runs=batch_runs, echo=echo)
     if any(s is None or s.get("status") == "interrupted" for s in summaries):
