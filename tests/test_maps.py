@@ -115,7 +115,30 @@ def test_regime_map_runs_a_tiny_grid(tmp_path: Path) -> None:
     assert [c["runs"][0]["max_delay"] for c in cells] == [4, 0, 7]
     assert all(c["runs"][0]["momentum"] == 0.9 for c in cells)  # linear rule keeps the momentum
     paths = write_regime_report(cells, tmp_path, title="tiny")
-    assert paths["plot"].is_file() and "| linear | 0.1 | 7 |" in paths["table"].read_text()
+    table = paths["table"].read_text()
+    assert paths["plot"].is_file() and "| linear | 0.1 | 7 |" in table
+    # pivot: one line per (delay, method), D·(1−m) = 7 × 0.1, accuracy and its difference to sgd at b=1
+    rows = {r["max_delay"]: r for r in summarize_cells(cells) if r["method"] == "pb"}
+    assert f"| 7 | 0.70 | pb | {rows[7]['acc_mean']:.1f} ({rows[7]['delta_vs_sgd']:+.1f})" in table
+
+
+def test_regime_map_batches_seeds_and_learning_rates_like_runs_done_one_by_one(tmp_path: Path) -> None:
+    """The runs of one method, rule and delay (2 lrs x 2 seeds) form one batched group; float64 results
+    equal the same runs trained alone through run_sweep."""
+    from pipeprop.experiments.compare import run_sweep
+
+    cfg = tiny(num_threads=1, samples=40, eval_every=40, dtype="float64")
+    lines: list[str] = []
+    cells = regime_map(cfg, tmp_path / "map", offsets=[2], rules=["momentum"], lrs=[0.1, 0.4], methods=["pb+sc"],
+                       seeds=[0, 1], echo=lines.append)
+    assert sum("4 runs batched" in line for line in lines) == 2  # pb+sc and sgd@1, each 2 lrs x 2 seeds
+    for cell in cells:
+        entry = cell["method"]
+        alone, _ = run_sweep(cfg.replace(rule="momentum", lr=cell["lr"], delay_offset=2), tmp_path / "alone" / entry /
+                             str(cell["lr"]), methods=[entry], seeds=[0, 1], batch_runs=1, echo=lambda s: None)
+        for batched, single in zip(cell["runs"], alone):
+            assert batched["lr"] == single["lr"] and batched["seed"] == single["seed"]
+            assert batched["final_train_loss"] == pytest.approx(single["final_train_loss"], abs=1e-9)
 
 
 # ---------------------------------------------------------------- warning

@@ -5,8 +5,9 @@ horizon ``T`` (default: the stage delay ``D``) much longer than the momentum hor
 new gradients, momentum moves the weights by at most ``η m/(1 − m) v`` however long one waits, but linear
 LWP extrapolates ``η T v``, so for ``T·(1 − m) ≫ 1`` it over-predicts. In the quadratic analysis
 (docs/analysis.md) linear LWP alone becomes *less* stable than plain PB from ``T·(1 − m) ≈ 1.8`` and
-SC + linear LWP from ``T·(1 − m) ≈ 1.0`` (crossovers at m = 0.5…0.95 all lie there); the regime map in
-docs/results.md shows the same on real data (pb+sc+lwp below pb with m = 0.9 and deep pipelines).
+SC + linear LWP from ``T·(1 − m) ≈ 1.0`` (crossovers at m = 0.5…0.95 all lie there). The regime map of
+docs/results.md §2 (digits MLP, m = 0.9) agrees for SC + linear LWP: the best PB variant at D·(1 − m) = 0.4,
+the worst at 1.0; for linear LWP alone it shows no harm at 2.2 (not resolvable there), so both limits stay.
 Better options: ``lwp_mode="momentum-decay"`` (never over-predicts), or the momentum-preserving scaling rule
 (``pipeprop scale``), which at batch size one gives m ≈ 0.997–0.999 and thus ``T·(1 − m) ≪ 1``.
 

@@ -25,9 +25,12 @@ from .stability import _floats
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override any config key")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="output folder (default: runs/regime/CONFIG)")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
+@click.option("--batch-runs", type=click.IntRange(min=1), default=None,
+              help="train up to K runs of one method, rule and delay (seeds x lrs) as one batched simulation "
+                   "[default: lrs x seeds, at least 8]; 1 trains them one by one")
 @friendly_errors
 def regime(config_name: str, offsets: str, rules: str, lrs: str, methods: str, seeds: str, sets: tuple[str, ...],
-           out: Optional[str], no_progress: bool) -> None:
+           out: Optional[str], no_progress: bool, batch_runs: Optional[int]) -> None:
     """Regime map: final accuracy of PB variants minus SGD at b=1 over delay × momentum rule × lr.
 
     Writes regime.{md,csv,json,png} (a heat map per rule and method) with D·(1−m) and the quadratic
@@ -50,7 +53,7 @@ def regime(config_name: str, offsets: str, rules: str, lrs: str, methods: str, s
     out_dir = Path(out) if out else Path("runs") / "regime" / cfg.name
     cells = regime_map(cfg, out_dir, offsets=offset_list, rules=parse_list(rules) or [], lrs=_floats(lrs),
                        methods=parse_list(methods) or [], seeds=parse_seeds(seeds) or [0],
-                       echo=lambda s: click.echo(s, err=True))
+                       batch_runs=batch_runs, echo=lambda s: click.echo(s, err=True))
     paths = write_regime_report(cells, out_dir, title=cfg.name)
     click.echo(paths["table"].read_text())
     click.echo(f"table: {paths['table']}\nplot:  {paths['plot']}\njson:  {paths['json']}", err=True)

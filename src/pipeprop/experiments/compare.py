@@ -12,7 +12,7 @@ from .report import load_run, write_report
 from .run_folder import check_run_folder
 from .runner import CHECKPOINT, run_experiment
 
-__all__ = ["run_sweep", "sweep_dirs", "headline", "DEFAULT_BATCH_RUNS"]
+__all__ = ["run_sweep", "run_plan", "sweep_dirs", "headline", "DEFAULT_BATCH_RUNS"]
 
 #: runs trained as one batched simulation by default (see docs/experiments.md, "Batched runs")
 DEFAULT_BATCH_RUNS = 8
@@ -53,15 +53,38 @@ def run_sweep(
     one. Runs that cannot be batched fall back to one by one with a notice. A run checkpointed in a group
     resumes in a group.
     """
-    from .run_group import RunGroup, group_key, is_batched_checkpoint, why_not_batched
-
     out_dir = Path(out_dir)
     methods = list(methods or config.methods)
     seeds = list(seeds if seeds is not None else config.seeds)
+    plan = sweep_dirs(config, out_dir, methods, seeds)
+    results = run_plan(plan, overwrite=overwrite, model_factory=model_factory, show_progress=show_progress,
+                       batch_runs=batch_runs, echo=echo)
+    runs = [load_run(d) for *_, d in plan if (d / "summary.json").is_file()]
+    paths = write_report(out_dir, runs, title=config.name)
+    return [s for s in results if s is not None], paths
+
+
+def run_plan(
+    plan: Sequence[tuple[str, int, ExperimentConfig, Path]],
+    *,
+    overwrite: bool = False,
+    model_factory: Optional[Callable[..., Any]] = None,
+    show_progress: Optional[bool] = None,
+    batch_runs: Optional[int] = None,
+    echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> list[Optional[dict[str, Any]]]:
+    """Run (or reuse) the runs of ``plan`` (``(label, seed, config, run_dir)`` as from :func:`sweep_dirs`).
+
+    The engine of :func:`run_sweep` (same reuse, resume and batching rules) for plans whose configs differ in
+    more than method and seed, e.g. the learning rates of a map: runs of equal
+    :func:`~pipeprop.experiments.run_group.group_key` are batched wherever they sit in the plan. Returns the
+    summaries in plan order; ``None`` for the runs not started because an earlier one was interrupted.
+    """
+    from .run_group import RunGroup, group_key, is_batched_checkpoint, why_not_batched
+
     k_max = DEFAULT_BATCH_RUNS if batch_runs is None else int(batch_runs)
     if k_max < 1:
         raise ValueError(f"batch_runs must be >= 1, got {batch_runs}")
-    plan = sweep_dirs(config, out_dir, methods, seeds)
     summaries: dict[int, dict[str, Any]] = {}
     todo: list[tuple[int, bool, bool]] = []  # (plan index, resume, batched checkpoint)
     for i, (label, seed, cfg, run_dir) in enumerate(plan):
@@ -106,7 +129,8 @@ def run_sweep(
         resume = batch[0][1]
         if len(batch) > 1 or batch[0][2]:
             idx = [i for i, _, _ in batch]
-            names = ", ".join(f"{plan[i][0]} seed {plan[i][1]}" for i in idx)
+            lr_differs = len({plan[i][2].lr for i in idx}) > 1
+            names = ", ".join(f"{plan[i][0]}{f' lr {plan[i][2].lr:g}' if lr_differs else ''} seed {plan[i][1]}" for i in idx)
             try:
                 group = RunGroup([plan[i][2] for i in idx], [plan[i][3] for i in idx], model_factory=model_factory).setup()
             except ValueError as err:
@@ -131,9 +155,7 @@ def run_sweep(
                 if summary["status"] == "interrupted":
                     break
         interrupted = any(summaries[i]["status"] == "interrupted" for i, _, _ in batch if i in summaries)
-    runs = [load_run(d) for *_, d in plan if (d / "summary.json").is_file()]
-    paths = write_report(out_dir, runs, title=config.name)
-    return [summaries[i] for i in sorted(summaries)], paths
+    return [summaries.get(i) for i in range(len(plan))]
 
 
 def _echo_result(echo: Callable[[str], None], entry: tuple[str, int, ExperimentConfig, Path], summary: dict[str, Any]) -> None:

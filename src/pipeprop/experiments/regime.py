@@ -4,10 +4,11 @@
 delay to every stage, so the network stays the same and only the delays grow) × scaling rule (``linear``:
 momentum kept at the reference value, e.g. 0.9; ``momentum``: the momentum-preserving rule, m → m^(b/B)) ×
 reference learning rate, for several PB methods and seeds, plus SGD at b=1 (no delay) once per rule and
-learning rate as the control. Every cell goes through :func:`~pipeprop.experiments.compare.run_sweep`
-(finished runs reused, interrupted ones resumed). :func:`write_regime_report` writes the cells (mean ± std
-final test accuracy, difference to SGD at b=1, ``D·(1−m)`` and the quadratic analysis' stability gain of
-each method over plain PB at that delay and momentum) and a heat map.
+learning rate as the control. Every run goes through :func:`~pipeprop.experiments.compare.run_plan`
+(finished runs reused, interrupted ones resumed; the seeds and learning rates of one method, rule and delay
+are batched). :func:`write_regime_report` writes the cells (mean ± std final test accuracy, difference to
+SGD at b=1, ``D·(1−m)`` and the quadratic analysis' stability gain of each method over plain PB at that
+delay and momentum) and a heat map.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .checkpoint import atomic_write_text
-from .compare import run_sweep, sweep_dirs
+from .compare import DEFAULT_BATCH_RUNS, run_plan, sweep_dirs
 from .config import ExperimentConfig
 
 __all__ = ["regime_map", "write_regime_report", "REGIME_METHODS"]
@@ -42,35 +43,50 @@ def regime_map(
     lrs: Sequence[float],
     methods: Sequence[str] = REGIME_METHODS,
     seeds: Sequence[int] = (0, 1, 2),
+    batch_runs: Optional[int] = None,
     show_progress: Optional[bool] = None,
     echo: Callable[[str], None] = lambda s: None,
 ) -> list[dict[str, Any]]:
-    """Run the grid; returns one record per (rule, lr, offset, method) with every seed's summary."""
+    """Run the grid; returns one record per (rule, lr, offset, method) with every seed's summary.
+
+    All runs go through one :func:`~pipeprop.experiments.compare.run_plan`, so the runs of one method, rule
+    and delay — every seed *and* every learning rate — train as one batched simulation of up to
+    ``batch_runs`` runs (default: ``len(lrs) × len(seeds)``, at least
+    :data:`~pipeprop.experiments.compare.DEFAULT_BATCH_RUNS`; 1 trains them one by one).
+    """
     if not offsets or min(offsets) < 0:
         raise ValueError(f"offsets must be non-negative extra delays, got {list(offsets)}")
     if not lrs or min(lrs) <= 0:
         raise ValueError(f"lrs must be positive reference learning rates, got {list(lrs)}")
+    if not rules or not methods or not seeds:
+        raise ValueError("the regime map needs at least one rule, one method and one seed")
     if config.micro_batch != 1:
         raise ValueError("the regime map compares methods at b=1; set micro_batch=1")
     out_dir = Path(out_dir)
-    cells: list[dict[str, Any]] = []
+    if batch_runs is None:
+        batch_runs = max(DEFAULT_BATCH_RUNS, len(lrs) * len(seeds))
+    keys: list[tuple[str, float, int, str]] = []  # (rule, lr, offset, method) of every cell, in plan order
+    plan: list[tuple[str, int, ExperimentConfig, Path]] = []
     for rule in rules:
-        for lr in lrs:
-            base = config.replace(rule=rule, lr=lr)
-            for k, offset in enumerate(offsets):
-                entries = list(methods) + ([CONTROL] if k == 0 else [])
-                echo(f"rule={rule} lr={lr:g} delay_offset={offset}: {', '.join(entries)}")
-                cell_dir = _cell_dir(out_dir, rule, lr, offset)
-                summaries, _ = run_sweep(base.replace(delay_offset=offset), cell_dir,
-                                         methods=entries, seeds=list(seeds), show_progress=show_progress, echo=echo)
-                if any(s.get("status") == "interrupted" for s in summaries):
-                    raise KeyboardInterrupt
-                for i, entry in enumerate(entries):
-                    runs = summaries[i * len(seeds):(i + 1) * len(seeds)]
-                    cells.append({"rule": rule, "lr": lr, "delay_offset": offset if entry != CONTROL else 0,
-                                  "method": entry, "runs": runs,
-                                  "dirs": [d for *_, d in sweep_dirs(base, cell_dir, [entry], list(seeds))],
-                                  "lwp_mode": config.method_options.get("lwp_mode", "linear")})
+        for k, offset in enumerate(offsets):
+            entries = list(methods) + ([CONTROL] if k == 0 else [])
+            for entry in entries:
+                for lr in lrs:
+                    base = config.replace(rule=rule, lr=lr, delay_offset=offset)  # sgd@1 has no delay anyway
+                    keys.append((rule, lr, offset if entry != CONTROL else 0, entry))
+                    plan += sweep_dirs(base, _cell_dir(out_dir, rule, lr, offset), [entry], list(seeds))
+    echo(f"regime map: {len(plan)} runs = {len(keys)} (rule, delay, lr, method) entries x {len(seeds)} seeds "
+         f"({', '.join(rules)} rule; lr {', '.join(f'{v:g}' for v in lrs)}; delay_offset {', '.join(map(str, offsets))})")
+    summaries = run_plan(plan, show_progress=show_progress, batch_runs=batch_runs, echo=echo)
+    if any(s is None or s.get("status") == "interrupted" for s in summaries):
+        raise KeyboardInterrupt
+    cells: list[dict[str, Any]] = []
+    n = len(seeds)
+    for c, (rule, lr, offset, entry) in enumerate(keys):
+        part = slice(c * n, (c + 1) * n)
+        cells.append({"rule": rule, "lr": lr, "delay_offset": offset, "method": entry, "runs": summaries[part],
+                      "dirs": [d for *_, d in plan[part]],
+                      "lwp_mode": config.method_options.get("lwp_mode", "linear")})
     return cells
 
 
@@ -139,28 +155,68 @@ def write_regime_report(cells: Sequence[dict[str, Any]], out_dir: Path | str, *,
         div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
         lines.append(f"| {r['rule']} | {r['lr']:g} | {r['max_delay']} | {r['momentum_b']:.5f} | {r['d_one_minus_m']:.2f} | "
                      f"{r['method']} | {acc}{div} | {delta} | {gain} |")
+    lines += ["", *_pivot_tables(rows)]
     atomic_write_text(paths["table"], "\n".join(lines) + "\n")
     _heatmap(rows, paths["plot"], title)
-    curves = _learning_curves(cells, out_dir / "regime-curves.png", title)
-    if curves is not None:
-        paths["curves"] = curves
+    for curves in _learning_curves(cells, out_dir, title):
+        paths[curves.stem.replace("regime-", "")] = curves  # "curves-linear", "curves-momentum"
     return paths
 
 
-def _learning_curves(cells: Sequence[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
-    """Test accuracy against samples (mean over seeds) of every cell at the largest delay, and of sgd (b=1)."""
+def _pivot_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per rule, one line per (max delay, method) and one column per lr: "acc (Δ vs sgd b=1)" [diverged runs]."""
+    lrs = sorted({r["lr"] for r in rows})
+    order = {m: i for i, m in enumerate((CONTROL,) + REGIME_METHODS)}
+    lines: list[str] = []
+    for rule in sorted({r["rule"] for r in rows}):
+        mine = [r for r in rows if r["rule"] == rule]
+        m = mine[0]["momentum_b"]
+        lines += [f"{rule} rule (m = {m:.5g} at b=1): final test acc % (Δ vs sgd b=1; ✗k = k runs diverged)", "",
+                  "| D | D·(1−m) | method | " + " | ".join(f"lr {v:g}" for v in lrs) + " |",
+                  "|---|---|---|" + "---|" * len(lrs)]
+        keys = sorted({(r["max_delay"], r["method"]) for r in mine}, key=lambda k: (k[0], order.get(k[1], 99), k[1]))
+        for delay, method in keys:
+            cells = []
+            for lr in lrs:
+                r = next((r for r in mine if r["max_delay"] == delay and r["method"] == method and r["lr"] == lr), None)
+                if r is None or r["acc_mean"] is None:
+                    cells.append("—")
+                    continue
+                text = f"{r['acc_mean']:.1f}"
+                if method != CONTROL and r["delta_vs_sgd"] is not None:
+                    text += f" ({r['delta_vs_sgd']:+.1f})"
+                cells.append(text + (f" ✗{r['diverged']}" if r["diverged"] else ""))
+            lines.append(f"| {delay} | {delay * (1 - m):.2f} | {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _learning_curves(cells: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+    """Per rule, test accuracy against samples (mean over seeds) of sgd (b=1) and every PB method in the
+    (delay, lr) cell where the methods' final accuracies differ most (``regime-curves-<rule>.png``)."""
     from .plots import plot_comparison
     from .report import load_run
 
-    deepest = max((c["delay_offset"] for c in cells), default=0)
-    runs = {}
-    for c in cells:
-        if (c["method"] == CONTROL or c["delay_offset"] == deepest) and c.get("dirs"):
-            label = f"{c['method']} {c['rule']} lr {c['lr']:g}" + ("" if c["method"] == CONTROL else f" +{deepest}")
+    def acc(c: dict[str, Any]) -> float:
+        return statistics.fmean(100 * (s.get("final_test_acc") or 0.0) for s in c["runs"])
+
+    written: list[Path] = []
+    for rule in sorted({c["rule"] for c in cells}):
+        groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
+        for c in cells:
+            if c["rule"] == rule and c["method"] != CONTROL and c.get("dirs"):
+                groups.setdefault((c["delay_offset"], c["lr"]), []).append(c)
+        if not groups:
+            continue
+        (offset, lr), chosen = max(groups.items(), key=lambda kv: max(map(acc, kv[1])) - min(map(acc, kv[1])))
+        control = [c for c in cells if c["rule"] == rule and c["lr"] == lr and c["method"] == CONTROL]
+        runs = {}
+        for c in control + chosen:
+            label = c["method"] if c["method"] == CONTROL else f"{c['method']} (max delay {c['runs'][0].get('max_delay')})"
             runs[label] = [load_run(d).metrics for d in c["dirs"] if (Path(d) / "summary.json").is_file()]
-    if not runs:
-        return None
-    return plot_comparison(runs, path, title=f"{title}: sgd (b=1) and the deepest pipeline (delay_offset {deepest})")
+        out = out_dir / f"regime-curves-{rule}.png"
+        written.append(plot_comparison(runs, out, title=f"{title}: {rule} rule, reference lr {lr:g}, delay_offset {offset}"))
+    return written
 
 
 def _heatmap(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -182,14 +238,17 @@ def _heatmap(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     for i, rule in enumerate(rules):
         for j, method in enumerate(methods):
             grid = np.full((len(delays), len(lrs)), np.nan)
+            diverged = np.zeros((len(delays), len(lrs)), dtype=int)
             for r in rows:
                 if r["rule"] == rule and r["method"] == method and r["delta_vs_sgd"] is not None:
                     grid[delays.index(r["max_delay"]), lrs.index(r["lr"])] = r["delta_vs_sgd"]
+                    diverged[delays.index(r["max_delay"]), lrs.index(r["lr"])] = r["diverged"]
             ax = axes[i][j]
             image = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
             for (y, x), v in np.ndenumerate(grid):
                 if np.isfinite(v):
-                    ax.text(x, y, f"{v:+.0f}", ha="center", va="center", fontsize=8)
+                    mark = f"\n✗{diverged[y, x]}" if diverged[y, x] else ""
+                    ax.text(x, y, f"{v:+.0f}{mark}", ha="center", va="center", fontsize=7)
             bottom = i == len(rules) - 1
             ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs] if bottom else [""] * len(lrs), fontsize=8)
             ax.set_yticks(range(len(delays)), [str(d) for d in delays], fontsize=8)
@@ -199,7 +258,7 @@ def _heatmap(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
                 ax.set_ylabel("max delay D")
             if bottom:
                 ax.set_xlabel("reference lr")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="final test acc − sgd (b=1), points")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="final test acc − sgd (b=1), points (✗k: k runs diverged)")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
