@@ -458,3 +458,20 @@ def test_bad_options_name_the_fix():
         AdaptiveBrakingSGD([p], lr=0.1, ab_scope="layer")
     with pytest.raises(ValueError, match="ab_clip"):
         AdaptiveBrakingSGD([p], lr=0.1, ab_clip=(2.0, 1.0))
+
+
+def test_pipemare_counts_one_update_per_step_for_the_schedule():
+    """Regression: PipeMare's step called the (torch-wrapped) parent step, so once any PipelineSGD existed in
+    the process every step ran the step hooks twice and the learning-rate schedule advanced twice as fast."""
+    from pipeprop.optim import PipelineSGD
+
+    PipelineSGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # torch wraps PipelineSGD.step on first use
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = PipeMare([w], lr=0.1, momentum=0.9, pipemare_warmup_steps=4)
+    seen = []
+    opt.set_lr_schedule(lambda k: seen.append(k) or 1.0)
+    for _ in range(5):
+        w.grad = torch.ones_like(w)
+        opt.step()
+    assert opt.param_groups[0]["updates"] == 5
+    assert seen[-1] == 4  # the schedule was asked at update counts 0..4, one per step

@@ -217,6 +217,13 @@ class PipelineSGD(PipelineOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._update()
+        return loss
+
+    def _update(self) -> None:
+        """The update of :meth:`step` without its hooks: what a subclass's own ``step`` calls (calling
+        ``super().step()`` there would run the step hooks twice, e.g. count every update twice for the
+        learning-rate schedule, once torch has wrapped this class's ``step``)."""
         stages = []
         for group in self.param_groups:
             params = [p for p in group_params(group) if p.grad is not None]
@@ -227,7 +234,6 @@ class PipelineSGD(PipelineOptimizer):
         else:
             for group, params, lr in stages:
                 self._step_stage(group, params, lr)
-        return loss
 
     # ------------------------------------------------------------------ the reference path: one stage at a time
     def _step_stage(self, group: dict[str, Any], params: list[Tensor], lr: Any) -> None:

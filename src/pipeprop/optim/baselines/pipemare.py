@@ -152,7 +152,7 @@ class PipeMare(PipelineSGD):
                     st["pipemare_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 deltas.append(st["pipemare_delta"])
             corrected.append((self._decay(group), params, [p.detach().clone() for p in params], deltas))
-        super().step()
+        self._update()  # not super().step(): its hooks would run twice per step
         for gamma, params, old, deltas in corrected:
             torch._foreach_sub_(old, params)  # now w_old − w_new
             torch._foreach_mul_(deltas, gamma)
