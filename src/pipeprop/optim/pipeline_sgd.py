@@ -221,9 +221,9 @@ class PipelineSGD(PipelineOptimizer):
         return loss
 
     def _update(self) -> None:
-        """The update of :meth:`step` without its hooks: what a subclass's own ``step`` calls (calling
-        ``super().step()`` there would run the step hooks twice, e.g. count every update twice for the
-        learning-rate schedule, once torch has wrapped this class's ``step``)."""
+        """The update of :meth:`step`, without the closure and the step hooks: what a subclass extends
+        (overriding ``step`` and calling ``super().step()`` would run the hooks twice once torch has wrapped
+        this class's ``step``, e.g. count every update twice for the learning-rate schedule)."""
         stages = []
         for group in self.param_groups:
             params = [p for p in group_params(group) if p.grad is not None]

@@ -131,12 +131,8 @@ class PipeMare(PipelineSGD):
                 torch.add(p, delta, alpha=-float(h), out=o)
         return out
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
+        """The SGD update of every stage (run by the inherited ``step``), with the deltas' EMA around it."""
         # δ ← γ δ + (1 − γ)(w_new − w_old); the difference is taken exactly (no cancellation against |w|)
         corrected: list[tuple[float, list[Tensor], list[Tensor], list[Tensor]]] = []
         stepped: list[Tensor] = []
@@ -152,7 +148,7 @@ class PipeMare(PipelineSGD):
                     st["pipemare_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 deltas.append(st["pipemare_delta"])
             corrected.append((self._decay(group), params, [p.detach().clone() for p in params], deltas))
-        self._update()  # not super().step(): its hooks would run twice per step
+        super()._update()
         for gamma, params, old, deltas in corrected:
             torch._foreach_sub_(old, params)  # now w_old − w_new
             torch._foreach_mul_(deltas, gamma)
@@ -160,4 +156,3 @@ class PipeMare(PipelineSGD):
         for p in stepped:
             st = self.state[p]
             st["stage_step"] = int(st.get("stage_step", 0)) + 1
-        return loss
