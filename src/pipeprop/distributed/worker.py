@@ -142,7 +142,7 @@ class _CountingLoss:
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.inner(output, target)
-        self.corrects.append(self.inner.correct)
+        self.corrects.append(int(self.inner.correct))
         return loss
 
 
