@@ -3,7 +3,7 @@
 Compares the training loop of two checkouts of pipeprop (e.g. before and after a change to the run driver)
 on the digits MLP and on ResNet-20-GN with CIFAR-10, both at micro-batch 1 with method ``pb``. Every round
 runs each case once per source tree, alternating, in fresh processes; the table gives the median
-samples/s of each and their ratio (second / first). Evaluations are kept out of the timing (one at the
+samples/s of each and their ratio (second / first); a run that diverges fails the benchmark. Evaluations are kept out of the timing (one at the
 start and one at the end, on 50 test images, and the loop time is taken from ``wall_seconds``).
 
     python benchmarks/bench_runner_sync.py --src /path/to/old/src --src src --data-dir ../shared/data --rounds 3
@@ -21,8 +21,9 @@ import tempfile
 from pathlib import Path
 
 CASES = {
-    "digits-mlp": dict(model="mlp", model_options={"depth": 6, "hidden": 64}, dataset="digits", samples=3000),
-    "resnet20-gn": dict(model="resnet20", norm="gn", dataset="cifar10", samples=300),
+    "digits-mlp": dict(model="mlp", model_options={"depth": 6, "hidden": 64}, dataset="digits", samples=3000, lr=0.01),
+    # the b = 1 learning rate of the B = 128 recipe (0.1 / 128): larger ones diverge within 50 steps
+    "resnet20-gn": dict(model="resnet20", norm="gn", dataset="cifar10", samples=300, lr=0.00078125),
 }
 
 CHILD = """
@@ -30,9 +31,10 @@ import json, sys, torch
 from pipeprop.experiments import ExperimentConfig, Runner
 torch.set_num_threads(1)
 opts = json.loads(sys.argv[1])
-cfg = ExperimentConfig(**opts, method="pb", batch_size=1, micro_batch=1, lr=0.01, momentum=0.9, schedule="constant",
+cfg = ExperimentConfig(**opts, method="pb", batch_size=1, micro_batch=1, momentum=0.9, schedule="constant",
                        eval_every=opts["samples"], checkpoint_every=opts["samples"], test_subset=50, progress=False)
 summary = Runner(cfg, sys.argv[2]).setup().run()
+assert summary["status"] == "completed", f"the timed run must not diverge: {summary['status']}"
 print(json.dumps({"samples": summary["samples"], "seconds": summary["wall_seconds"]}))
 """
 
