@@ -3,8 +3,9 @@
 Compares the training loop of two checkouts of pipeprop (e.g. before and after a change to the run driver)
 on the digits MLP and on ResNet-20-GN with CIFAR-10, both at micro-batch 1 with method ``pb``. Every round
 runs each case once per source tree, alternating, in fresh processes; the table gives the median
-samples/s of each and their ratio (second / first); a run that diverges fails the benchmark. Evaluations are kept out of the timing (one at the
-start and one at the end, on 50 test images, and the loop time is taken from ``wall_seconds``).
+samples/s of each and their ratio (second / first); a run that diverges fails the benchmark. Evaluations
+hardly count (one at the start and one at the end, on 50 test images); the rate is samples / the run's
+``wall_seconds``.
 
     python benchmarks/bench_runner_sync.py --src /path/to/old/src --src src --data-dir ../shared/data --rounds 3
 """
