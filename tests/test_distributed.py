@@ -458,3 +458,64 @@ def test_diverged_distributed_run_ends_with_status_not_traceback(tmp_path: Path)
     assert summary["status"] == "diverged" and 0 < summary["diverged_at"] < 40
     assert json.loads((tmp_path / "div" / "summary.json").read_text())["status"] == "diverged"
     assert (tmp_path / "div" / "curves.png").is_file() and not (tmp_path / "div" / "model.pt").exists()
+
+
+def _simulator_twin_of_tiny(samples: int = 24) -> dict[str, torch.Tensor]:
+    """The final weights of the TINY run done in one process by the simulator, written out by hand."""
+    from pipeprop.data import MicroBatchStream, load_digits
+
+    torch.manual_seed(3)
+    data = load_digits()
+    model = pipeprop.models.get("mlp", num_classes=10, in_features=64, hidden=16).double()
+    sim = pipeprop.build_simulator(model, F.cross_entropy, method="pb+sc+lwp", lr=0.05, momentum=0.9)
+    stream = MicroBatchStream(data, batch_size=1, epochs=samples / len(data.train), seed=3, dtype=torch.float64)
+    stream.total_steps = samples
+    for x, y in stream:
+        sim.step(x, y)
+    return model.state_dict()
+
+
+@pytest.mark.slow
+def test_measured_assignment_is_timed_once_stored_and_reused_on_resume(tmp_path: Path) -> None:
+    """`--set assignment=measured` through the run driver: a fresh run times the stages and records the ranges
+    (config.json, every rank's checkpoint); `--resume` reuses them (the resumed run equals the simulator bit for
+    bit); a missing record and ranges that disagree with the checkpoints are refused, naming the fix."""
+    from click.testing import CliRunner
+
+    from pipeprop.cli import main
+    from pipeprop.distributed import DistributedRunError
+    from pipeprop.experiments import ExperimentConfig, run_experiment
+    from pipeprop.experiments.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    cfg = ExperimentConfig(**TINY, checkpoint_every=3, assignment="measured")
+    first = run_experiment(cfg, out, stop_after_steps=9)
+    assert first["status"] == "stopped"
+    stored = json.loads((out / "config.json").read_text())["ranges"]
+    assert len(stored) == 2 and stored[0][0] == 0 and stored[1][0] == stored[0][1] + 1 and stored[1][1] == 2
+    for r in range(2):  # every rank checkpointed the same ranges ([start, stop) per rank)
+        assert load_checkpoint(out / "checkpoint" / f"rank{r}.pt")["ranges"] == [[a, b + 1] for a, b in stored]
+    for name in ("missing", "other"):
+        subprocess.run(["cp", "-r", str(out), str(tmp_path / name)], check=True)
+
+    res = CliRunner().invoke(main, ["train", "--out", str(out), "--resume"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    second = json.loads((out / "summary.json").read_text())
+    assert second["status"] == "completed" and second["samples"] == 24
+    assert second["assignment"] == stored == json.loads((out / "config.json").read_text())["ranges"]
+    final = torch.load(out / "model.pt")
+    for key, want in _simulator_twin_of_tiny().items():
+        assert torch.equal(final[key], want), f"{key}: resumed measured run differs from the simulator"
+
+    # no record of the ranges: refused before any process starts
+    info = json.loads((tmp_path / "missing" / "config.json").read_text())
+    del info["ranges"]
+    (tmp_path / "missing" / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"records no readable stage ranges .*--assignment 'a,b,...'.*--overwrite"):
+        run_experiment(cfg, tmp_path / "missing", resume=True)
+    # ranges that split the stages otherwise than the checkpoints: refused by the ranks
+    info = json.loads((tmp_path / "other" / "config.json").read_text())
+    info["ranges"] = [[0, 0], [1, 2]] if stored == [[0, 1], [2, 2]] else [[0, 1], [2, 2]]
+    (tmp_path / "other" / "config.json").write_text(json.dumps(info))
+    with pytest.raises(DistributedRunError, match=r"written with stages per process .*inconsistent.*--overwrite"):
+        run_experiment(cfg, tmp_path / "other", resume=True)

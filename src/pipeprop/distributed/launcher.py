@@ -65,13 +65,15 @@ def run_distributed(
     its own per-wait ``config.timeout``); ``env`` adds environment variables (``OMP_NUM_THREADS``
     defaults to 1 per process).
     """
-    from ..experiments.run_folder import claim_run_folder
+    from ..experiments.run_folder import check_run_folder, claim_run_folder
     from .worker import prepare, verify_rank_checkpoints, write_run_config
 
     if config.engine != "distributed":
         config = config.replace(engine="distributed")
     out = Path(run_dir)
-    setup = prepare(config, config.nproc)  # bad configuration fails here, before any process starts
+    check_run_folder(out, config, resume=resume, overwrite=overwrite)
+    # bad configuration fails here, before any process starts (a resumed 'measured' run: its stored ranges too)
+    setup = prepare(config, config.nproc, resumed_from=out if resume else None)
     claim_run_folder(out, config, resume=resume, overwrite=overwrite)
     if resume:
         previous = out / "summary.json"

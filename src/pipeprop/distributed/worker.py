@@ -15,6 +15,7 @@ neighbours notice within the timeout.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ import torch
 from ..experiments.config import ExperimentConfig
 
 __all__ = ["main", "prepare", "Setup", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_DIVERGED", "resolve_backend",
-           "rank_checkpoint", "verify_rank_checkpoints", "write_run_config"]
+           "rank_checkpoint", "verify_rank_checkpoints", "write_run_config", "stored_ranges", "measure_ranges"]
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -60,14 +61,20 @@ class Setup:
     recipe: Any
     model: torch.nn.Module
     partition: Any
-    ranges: list[range]
+    ranges: Optional[list[range]]  # None: assignment 'measured' of a fresh run, timed by the ranks together
     backend: str
     total_steps: int
     dtype: torch.dtype
+    sample: Any = None  # one micro-batch of inputs (captures the model, times the stages)
 
 
-def prepare(cfg: ExperimentConfig, world_size: int) -> Setup:
-    """Build and check the run for ``world_size`` processes (raises ``ValueError`` on bad configuration)."""
+def prepare(cfg: ExperimentConfig, world_size: int, *, resumed_from: Optional[Path] = None) -> Setup:
+    """Build and check the run for ``world_size`` processes (raises ``ValueError`` on bad configuration).
+
+    With ``assignment = "measured"`` the stage ranges of a fresh run are left ``None`` (the ranks time the
+    stages together once they are connected, :func:`measure_ranges`); a resumed run (``resumed_from``: its
+    run folder) reuses the ranges its ``config.json`` records (:func:`stored_ranges`) and is never re-timed.
+    """
     from ..experiments.builders import build_dataset, build_model
     from ..partition import partition
     from .assignment import assign_stages
@@ -92,8 +99,43 @@ def prepare(cfg: ExperimentConfig, world_size: int) -> Setup:
             f"{world_size} processes but the model has only {len(part)} pipeline stages (partition "
             f"{cfg.partition!r}): use --nproc <= {len(part)} or a finer partition"
         )
-    ranges = assign_stages(part.stages, world_size, cfg.assignment, sample)
-    return Setup(cfg, data, recipe, model, part, ranges, backend, recipe.total_samples // b, dtype)
+    ranges: Optional[list[range]]
+    if cfg.assignment != "measured":
+        ranges = assign_stages(part.stages, world_size, cfg.assignment, sample)
+    elif resumed_from is not None:
+        ranges = stored_ranges(resumed_from, world_size, len(part))
+    else:
+        ranges = [range(0, len(part))] if world_size == 1 else None
+    return Setup(cfg, data, recipe, model, part, ranges, backend, recipe.total_samples // b, dtype, sample)
+
+
+def measure_ranges(setup: Setup, comm: Any) -> list[range]:
+    """The stage ranges of a fresh ``"measured"`` run: every rank times every stage on the sample micro-batch,
+    the ranks average their timings (a collective over ``comm``) and balance them; stored in ``setup``."""
+    from .assignment import assign_stages
+
+    setup.ranges = assign_stages(setup.partition.stages, comm.world_size, "measured", setup.sample, comm=comm)
+    return setup.ranges
+
+
+def stored_ranges(run_dir: Path, world_size: int, num_stages: int) -> list[range]:
+    """The stage ranges recorded in ``run_dir/config.json`` (``"ranges"``: ``[first, last]`` stage per rank),
+    checked to be ``world_size`` contiguous non-empty ranges covering the ``num_stages`` stages."""
+    path = Path(run_dir) / "config.json"
+    fix = ("resume with the stage counts per process the checkpoints were written with (--assignment 'a,b,...'), "
+           "or start again with --overwrite")
+    try:
+        raw = json.loads(path.read_text())["ranges"]
+        ranges = [range(int(first), int(last) + 1) for first, last in raw]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume with assignment 'measured': {path} records no readable stage ranges "
+                         f"({type(err).__name__}: {err}); {fix}") from None
+    bounds = [r.start for r in ranges] + [ranges[-1].stop if ranges else 0]
+    if (len(ranges) != world_size or bounds[0] != 0 or bounds[-1] != num_stages
+            or any(r.stop <= r.start or r.stop != bounds[i + 1] for i, r in enumerate(ranges))):
+        raise ValueError(f"--resume with assignment 'measured': the stage ranges {raw} in {path} do not split "
+                         f"{num_stages} stages over {world_size} processes; {fix}")
+    return ranges
 
 
 def write_run_config(setup: Setup, run_dir: Path) -> None:
@@ -101,9 +143,10 @@ def write_run_config(setup: Setup, run_dir: Path) -> None:
     from ..experiments.run_folder import write_config_json
 
     cfg, recipe = setup.config, setup.recipe
+    ranges = None if setup.ranges is None else [[r.start, r.stop - 1] for r in setup.ranges]  # None: not timed yet
     write_config_json(run_dir, cfg, recipe=recipe, delays=setup.partition.delays, train_size=len(setup.data.train),
                       test_size=len(setup.data.test), eval_every=cfg.eval_interval(recipe.total_samples),
-                      ranges=[[r.start, r.stop - 1] for r in setup.ranges])
+                      ranges=ranges)
 
 
 def rank_checkpoint(run_dir: Path, rank: int) -> Path:
@@ -142,7 +185,7 @@ class _CountingLoss:
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.inner(output, target)
-        self.corrects.append(self.inner.correct)
+        self.corrects.append(int(self.inner.correct))
         return loss
 
 
@@ -160,7 +203,7 @@ def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, re
 
     # before any waiting: bad config, an occupied folder or a damaged checkpoint fail here on every rank
     check_run_folder(run_dir, cfg, resume=resume, overwrite=overwrite)
-    setup = prepare(cfg, world)
+    setup = prepare(cfg, world, resumed_from=run_dir if resume else None)
     if resume:
         verify_rank_checkpoints(run_dir, cfg, world)
     device = _device(cfg)
@@ -169,8 +212,11 @@ def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, re
     comm = PipelineComm.from_env(cfg.timeout, device=device if setup.backend == "nccl" else "cpu")
     if rank == 0:
         claim_run_folder(run_dir, cfg, resume=resume, overwrite=overwrite)
-        if not (run_dir / "config.json").is_file():  # started by torchrun directly, not by the launcher
-            write_run_config(setup, run_dir)
+    measured = setup.ranges is None
+    if measured:  # assignment 'measured', fresh run: timed once, here; config.json and checkpoints keep the ranges
+        measure_ranges(setup, comm)
+    if rank == 0 and (measured or not (run_dir / "config.json").is_file()):  # (or started by torchrun directly)
+        write_run_config(setup, run_dir)
     comm.barrier()
     corrects: list[int] = []
     engine = build_pipeline(
@@ -186,8 +232,11 @@ def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, re
         state = load_checkpoint(path, cfg.config_hash(), required=("ranges", "engine", "stream", "corrects"),
                                 map_location=device)
         if state["ranges"] != ranges:
+            fix = ("the run folder is inconsistent (config.json records other measured ranges than the checkpoints): "
+                   "start again with --overwrite" if cfg.assignment == "measured" else
+                   "resume with the --nproc and --assignment of the interrupted run")
             raise ValueError(f"checkpoint {path} was written with stages per process {state['ranges']}, not {ranges}: "
-                             "resume with the --nproc and --assignment of the interrupted run")
+                             + fix)
         engine.load_state_dict(state["engine"])
         stream.load_state_dict(state["stream"])
         corrects[:] = state["corrects"]

@@ -51,7 +51,7 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--nproc", "nproc", int, "processes of --engine distributed"),
     ("--backend", "backend", click.Choice(["auto", "gloo", "nccl"]), "torch.distributed backend (auto: nccl on cuda)"),
     ("--timeout", "timeout", float, "seconds a rank waits for a neighbour before failing"),
-    ("--assignment", "assignment", str, "stages per process: flops, params, uniform or counts '2,1,1'"),
+    ("--assignment", "assignment", str, "stages per process: flops, params, uniform, measured (timed at the start, kept on resume) or counts '2,1,1'"),
     ("--queue", "queue_capacity", int, "messages in flight per channel before a sender waits"),
 ]
 

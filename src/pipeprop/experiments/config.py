@@ -53,7 +53,7 @@ RUN_CONTROL_KEYS = frozenset(
      "num_threads", "backend", "timeout", "queue_capacity", "nproc", "assignment", "logger"}
 )
 
-ASSIGNMENT_KINDS = ("flops", "params", "uniform")
+ASSIGNMENT_KINDS = ("flops", "params", "uniform", "measured")
 
 #: characters per sequence of a language-modelling run when ``context`` is not set
 DEFAULT_CONTEXT = 128
@@ -70,11 +70,6 @@ class ConfigError(ValueError):
 def _check_counts(text: str) -> str:
     if text in ASSIGNMENT_KINDS:
         return text
-    if text == "measured":
-        raise ValueError("'measured' (stages balanced by timing them) is available from Python, "
-                         "pipeprop.distributed.build_pipeline(..., assignment='measured'); a run of the run driver "
-                         "must be able to resume on the same ranges, so use flops, params, uniform or counts "
-                         "such as '2,1,1' here")
     try:
         counts = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
@@ -134,7 +129,7 @@ class ExperimentConfig(BaseModel):
     nproc: int = Field(2, ge=1)  # processes of the distributed engine
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout: float = Field(60.0, gt=0)  # seconds a rank waits for a neighbour
-    assignment: str = "flops"  # stages per rank: flops, params, uniform or counts "2,1,1"
+    assignment: str = "flops"  # stages per rank: flops, params, uniform, measured (timed once) or counts "2,1,1"
     queue_capacity: int = Field(2, ge=1)
     # execution and observation
     seed: int = 0

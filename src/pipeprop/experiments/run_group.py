@@ -138,9 +138,8 @@ class RunGroup(_StopOnSignal):
         group["num_runs"] = len(self.runs)
         self.multi.load_state_dict(group)
 
-    def _step(self, xs: list[Any], ys: list[Any]) -> list[tuple[float, int]]:
-        losses = self.multi.step(xs, ys).tolist()
-        return list(zip(losses, self.loss_fn.correct.tolist()))
+    def _step(self, xs: list[Any], ys: list[Any]) -> tuple[Tensor, Tensor]:
+        return self.multi.step(xs, ys), self.loss_fn.correct  # K losses and counts, read by train_loop in blocks
 
     # ------------------------------------------------------------------ training
     def run(self, *, resume: bool = False, overwrite: bool = False, stop_after_steps: Optional[int] = None,

@@ -36,7 +36,7 @@ from .run_folder import RunDirError, TrainWindow, claim_run_folder, make_summary
 from .tasks import evaluate, task_of
 from .tracking import open_logger
 
-__all__ = ["Runner", "run_experiment", "train_loop", "evaluate", "RunDirError", "STATUSES"]
+__all__ = ["Runner", "StepResults", "run_experiment", "train_loop", "evaluate", "RunDirError", "STATUSES"]
 
 STATUSES = ("completed", "diverged", "interrupted", "stopped")
 CHECKPOINT = "checkpoint.pt"
@@ -53,6 +53,50 @@ class _Progress:
     count: int = 0
     elapsed: float = 0.0
     diverged_at: Optional[int] = None
+
+
+class StepResults:
+    """The losses and correct counts of the steps since the last host read, kept as tensors.
+
+    The training loop adds each step's ``(loss, correct)`` as the engine returns them (a loss tensor, one
+    entry per run or a scalar; ``correct`` a tensor or an ``int``) without reading them, and :meth:`read`
+    brings the whole block to the host in one ``.tolist()``: one device synchronisation per block instead of
+    one per step. The values read are the ``float``/``int`` of each entry, exactly as per-step reads give.
+    """
+
+    def __init__(self, num_runs: int) -> None:
+        self.num_runs = num_runs
+        self.sizes: list[int] = []
+        self.losses: list[torch.Tensor] = []
+        self.corrects: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def add(self, loss: Any, correct: Any, samples: int) -> None:
+        """One step's results (not read) for ``samples`` samples per run."""
+        self.sizes.append(samples)
+        self.losses.append(loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss)))
+        self.corrects.append(correct)
+
+    def read(self) -> list[tuple[int, list[float], list[int]]]:
+        """Per step: ``(samples, loss of each run, correct of each run)``; empties the block."""
+        if not self.sizes:
+            return []
+        k, steps = self.num_runs, len(self.sizes)
+        losses = torch.stack(self.losses).reshape(steps, k)
+        dtype = torch.promote_types(losses.dtype, torch.float32)  # exact for both: a float's float, a count < 2**24
+        if all(isinstance(c, torch.Tensor) for c in self.corrects):
+            corrects = torch.stack(self.corrects).reshape(steps, k).to(losses.device, dtype)
+            loss_rows, correct_rows = torch.stack((losses.to(dtype), corrects)).tolist()  # the one host read
+        else:
+            loss_rows = losses.tolist()
+            correct_rows = [c.reshape(-1).expand(k).tolist() if isinstance(c, torch.Tensor) else [int(c)] * k
+                            for c in self.corrects]
+        out = [(n, [float(v) for v in ls], [int(c) for c in cs])
+               for n, ls, cs in zip(self.sizes, loss_rows, correct_rows)]
+        self.sizes, self.losses, self.corrects = [], [], []
+        return out
 
 
 class _StopOnSignal:
@@ -139,6 +183,7 @@ class Runner(_StopOnSignal):
             **optimizer_options(cfg),
         )
         self.sim.optimizer.set_lr_schedule(build_lr_schedule(self.recipe))
+        self.sim.check_finite = False  # the training loop checks the losses when it reads them (no read per step)
         return self
 
     @property
@@ -253,9 +298,9 @@ class Runner(_StopOnSignal):
             self.close_files()
         return self._finish(status)
 
-    def _step(self, xs: list[Any], ys: list[Any]) -> list[tuple[float, int]]:
-        loss = self.sim.step(xs[0], ys[0])
-        return [(loss, self.loss_fn.correct)]
+    def _step(self, xs: list[Any], ys: list[Any]) -> tuple[Any, Any]:
+        loss = self.sim.step(xs[0], ys[0], sync=False)  # a tensor: read by the training loop in blocks
+        return loss, self.loss_fn.correct
 
     def _loop(self, stop_after_steps: Optional[int], show_progress: bool) -> str:
         return train_loop([self], self._step, lambda runs: [r.save() for r in runs], lambda: None,
@@ -263,15 +308,19 @@ class Runner(_StopOnSignal):
                           show_progress=show_progress)[0]
 
 
-def train_loop(runs: list[Runner], step: Callable[[list[Any], list[Any]], list[tuple[float, int]]],
+def train_loop(runs: list[Runner], step: Callable[[list[Any], list[Any]], tuple[Any, Any]],
                save: Callable[[list[Runner]], Any], sync_weights: Callable[[], None], *,
                stop_requested: Callable[[], bool], stop_after_steps: Optional[int], show_progress: bool) -> list[str]:
     """The training loop of one run or of a batched group of runs (which share every setting but seed and lr).
 
-    ``step(xs, ys)`` trains on one micro-batch per run and returns each run's ``(loss, correct)``;
-    ``sync_weights()`` makes each run's model hold its live weights before an evaluation; ``save(runs)``
-    checkpoints those runs. A run that diverges stops being recorded (status ``"diverged"``) while the
-    others go on. Returns each run's status.
+    ``step(xs, ys)`` trains on one micro-batch per run and returns ``(loss, correct)``: the loss as a tensor
+    (a scalar, or one entry per run) and the correct predictions (a tensor of the same shape, or an ``int``),
+    neither read yet. The loop reads them to the host in blocks (:class:`StepResults`): when the progress bar
+    shows new numbers (every ``256 // micro_batch`` steps), before an evaluation, a checkpoint, a stop and at
+    the end; it then accounts every step of the block as if read one by one. ``sync_weights()`` makes each
+    run's model hold its live weights before an evaluation; ``save(runs)`` checkpoints those runs. A run whose
+    loss is not finite (or whose running mean exceeds ``divergence_loss``) is diverged at that step, its later
+    steps not counted (status ``"diverged"``), while the others go on. Returns each run's status.
     """
     from tqdm.auto import tqdm
 
@@ -288,6 +337,7 @@ def train_loop(runs: list[Runner], step: Callable[[list[Any], list[Any]], list[t
     postfix_every = max(1, 256 // cfg.micro_batch)
     status = ["completed"] * len(runs)
     done = [False] * len(runs)
+    pending = StepResults(len(runs))
 
     def active() -> list[int]:
         return [i for i in range(len(runs)) if not done[i]]
@@ -298,6 +348,24 @@ def train_loop(runs: list[Runner], step: Callable[[list[Any], list[Any]], list[t
         r.progress.elapsed += time.perf_counter() - t0
         status[i], done[i] = "diverged", True
         print(f"\n{r.run_dir}: {err}", file=sys.stderr)
+
+    def account() -> None:
+        """Read the pending steps (one host read) and add them to each active run, step by step."""
+        for n, losses, corrects in pending.read():
+            for i in active():
+                loss, correct = losses[i], corrects[i]
+                p = runs[i].progress
+                if not math.isfinite(loss):
+                    diverge(i, DivergenceError(p.steps, loss, run=i if len(runs) > 1 else None))
+                    continue
+                p.samples += n
+                p.steps += 1
+                p.loss_sum += loss * n
+                p.correct += correct
+                p.count += n
+                runs[i].window.add(n, loss * n, correct)
+                if limit is not None and p.loss_sum / p.count > limit:
+                    diverge(i, DivergenceError(p.steps, p.loss_sum / p.count))
 
     def record() -> None:
         sync_weights()
@@ -324,41 +392,36 @@ def train_loop(runs: list[Runner], step: Callable[[list[Any], list[Any]], list[t
                     break
                 xs, ys = [x for x, _ in batch], [y for _, y in batch]
                 try:
-                    results = step(xs, ys)
-                except DivergenceError as err:  # a single run's simulator checks its loss itself
-                    diverge(err.run or 0, err)
+                    loss, correct = step(xs, ys)
+                except DivergenceError as err:  # an engine that checks its loss itself
+                    account()
+                    i = err.run or 0
+                    if not done[i]:
+                        diverge(i, err)
                     break
                 n = int(ys[0].shape[0])
+                pending.add(loss, correct, n)
                 before = samples
-                for i in active():
-                    loss, correct = results[i]
-                    p = runs[i].progress
-                    if not math.isfinite(loss):
-                        diverge(i, DivergenceError(p.steps, loss, run=i if len(runs) > 1 else None))
-                        continue
-                    p.samples += n
-                    p.steps += 1
-                    p.loss_sum += loss * n
-                    p.correct += correct
-                    p.count += n
-                    runs[i].window.add(n, loss * n, correct)
-                    if limit is not None and p.loss_sum / p.count > limit:
-                        diverge(i, DivergenceError(p.steps, p.loss_sum / p.count))
                 samples += n
                 steps += 1
+                bar.update(n)
+                evaluate = samples // lead.eval_every > before // lead.eval_every or samples >= total
+                checkpoint = samples // lead.checkpoint_every > before // lead.checkpoint_every
+                stopping = stop_requested() or (stop_after_steps is not None and steps >= stop_after_steps)
+                if not (evaluate or checkpoint or stopping or steps % postfix_every == 0):
+                    continue
+                account()  # a sync point: the block's losses come to the host here
                 if not active():
                     break
-                if samples // lead.eval_every > before // lead.eval_every or samples >= total:
+                if evaluate:
                     record()
-                bar.update(n)
                 shown = active()
                 if shown and (steps % postfix_every == 0 or samples >= total):
                     r = runs[shown[0]]
                     p, last = r.progress, r.metrics[-1]
                     if p.count:
                         bar.set_postfix(_postfix(p, last), refresh=False)
-                stopping = stop_requested() or (stop_after_steps is not None and steps >= stop_after_steps)
-                if stopping or samples // lead.checkpoint_every > before // lead.checkpoint_every:
+                if stopping or checkpoint:
                     t0 = add_elapsed()
                     sync_weights()
                     save([runs[i] for i in active()])
@@ -366,7 +429,9 @@ def train_loop(runs: list[Runner], step: Callable[[list[Any], list[Any]], list[t
                     for i in active():
                         status[i] = "interrupted" if stop_requested() else "stopped"
                     break
+            account()  # a stream that ended early
     except KeyboardInterrupt:
+        account()
         t0 = add_elapsed()
         for i in active():
             status[i] = "interrupted"

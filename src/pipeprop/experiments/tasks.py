@@ -78,13 +78,14 @@ def unigram_loss(data: TextDataset, targets: Tensor) -> float:
 
 
 class TrackedCrossEntropy:
-    """Cross-entropy that also counts the correct predictions of the last call (engines return only the loss)."""
+    """Cross-entropy that also counts the correct predictions of the last call (engines return only the loss);
+    ``correct`` is a tensor, not read here (the caller reads it, in blocks)."""
 
     def __init__(self) -> None:
-        self.correct = 0
+        self.correct: Any = 0
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
-        self.correct = int((output.detach().argmax(dim=1) == target).sum())
+        self.correct = (output.detach().argmax(dim=1) == target).sum()
         return F.cross_entropy(output, target)
 
 
