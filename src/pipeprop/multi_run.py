@@ -99,6 +99,155 @@ def _use_run_stacked_layers(module: nn.Module) -> nn.Module:
     return module
 
 
+# ---------------------------------------------------------------------------- runs folded into the batch dimension
+# The fast form of a stacked stage: the K runs' micro-batches are folded into one batch dimension (``[K*N, ...]``,
+# run-major), the per-sample layers (activations, pooling, flatten, the residual blocks' tuples and additions) run
+# unchanged, and each layer with weights computes all K runs in one call: a convolution as one grouped convolution
+# with the runs in the channels (``groups * K``), a linear layer as one batched matrix product, a GroupNorm with K
+# times the groups. No ``vmap``/``functional_call`` per call: that per-call overhead made K = 2 slower than two
+# separate runs. Only stages made entirely of the layers below take this form (exact types, so a subclass with a
+# forward of its own falls back to ``vmap``); the numbers equal separate runs up to rounding.
+
+#: parameter-free layers that treat every sample of the batch on its own (safe to run on folded batches)
+_PER_SAMPLE_LAYERS: tuple[type, ...] = (
+    nn.Sequential, nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+    nn.Softplus, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+
+
+def _per_sample_blocks() -> tuple[type, ...]:
+    from .models.blocks import Fork, Join, OnBranch, OnSkip, PadShortcut
+    from .partition import Stage
+
+    return (Stage, Fork, Join, OnBranch, OnSkip, PadShortcut)
+
+
+def _fold_input(x: Tensor, k: int, n: int) -> Tensor:
+    """``[K*N, C, ...]`` (run-major) -> ``[N, K*C, ...]``: the runs side by side in the channels (a view if N = 1)."""
+    rest = x.shape[1:]
+    if n == 1:
+        return x.reshape(1, k * rest[0], *rest[1:])
+    return x.reshape(k, n, *rest).transpose(0, 1).reshape(n, k * rest[0], *rest[1:])
+
+
+def _unfold_output(y: Tensor, k: int, n: int) -> Tensor:
+    """Inverse of :func:`_fold_input`: ``[N, K*C, ...]`` -> ``[K*N, C, ...]``."""
+    c, rest = y.shape[1] // k, y.shape[2:]
+    if n == 1:
+        return y.reshape(k, c, *rest)
+    return y.reshape(n, k, c, *rest).transpose(0, 1).reshape(k * n, c, *rest)
+
+
+class _FoldedLayer(nn.Module):
+    """A layer of a stacked stage computing all K runs at once from the stage's stacked parameters."""
+
+    def __init__(self, layer: nn.Module, stacked: nn.ParameterList, indices: dict[str, int], num_runs: int) -> None:
+        super().__init__()
+        self._stacked = [stacked]  # a list: the stage owns (and registers) the parameters
+        self._indices = indices
+        self.num_runs = num_runs
+
+    def _param(self, name: str) -> Optional[Tensor]:
+        i = self._indices.get(name)
+        return None if i is None else self._stacked[0][i]
+
+
+class _FoldedConv2d(_FoldedLayer):
+    def __init__(self, conv: nn.Conv2d, *args: Any) -> None:
+        super().__init__(conv, *args)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.num_runs
+        n = x.shape[0] // k
+        w, b = self._param("weight"), self._param("bias")
+        out = F.conv2d(_fold_input(x, k, n), w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1),
+                       self.stride, self.padding, self.dilation, self.groups * k)
+        return _unfold_output(out, k, n)
+
+
+class _FoldedGroupNorm(_FoldedLayer):
+    def __init__(self, norm: nn.GroupNorm, *args: Any) -> None:
+        super().__init__(norm, *args)
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.num_runs
+        n = x.shape[0] // k
+        w, b = self._param("weight"), self._param("bias")
+        out = F.group_norm(_fold_input(x, k, n), k * self.num_groups, None if w is None else w.reshape(-1),
+                           None if b is None else b.reshape(-1), self.eps)
+        return _unfold_output(out, k, n)
+
+
+class _FoldedLinear(_FoldedLayer):
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.num_runs
+        w, b = self._param("weight"), self._param("bias")
+        xs = x.reshape(k, -1, x.shape[-1])  # [K, N*..., in]
+        out = torch.bmm(xs, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), xs, w.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], w.shape[1])
+
+
+def _folded_form(module: nn.Module) -> Optional[type]:
+    """The folded replacement of a layer with weights, ``_PER_SAMPLE`` for a per-sample layer, None if unsupported."""
+    t = type(module)
+    if isinstance(module, nn.Conv2d) and t.forward is nn.Conv2d.forward and t._conv_forward is nn.Conv2d._conv_forward:
+        return _FoldedConv2d if module.padding_mode == "zeros" else None
+    if isinstance(module, nn.GroupNorm) and t.forward is nn.GroupNorm.forward:
+        return _FoldedGroupNorm
+    if isinstance(module, nn.Linear) and t.forward is nn.Linear.forward:
+        return _FoldedLinear
+    if t is nn.Flatten:
+        return _PER_SAMPLE if module.start_dim >= 1 else None
+    if t in _PER_SAMPLE_LAYERS or t in _per_sample_blocks():
+        return _PER_SAMPLE if not any(True for _ in module.parameters(recurse=False)) else None
+    return None
+
+
+class _PerSample:  # marker
+    pass
+
+
+_PER_SAMPLE = _PerSample
+
+
+def _fold_runs(template: nn.Module, stacked: nn.ParameterList, param_names: Sequence[str],
+               num_runs: int) -> Optional[nn.Module]:
+    """``template`` with its layers replaced by their folded forms, or None if a layer has none (or has buffers)."""
+    if any(True for _ in template.buffers()):
+        return None
+    index = {n: i for i, n in enumerate(param_names)}
+    forms = {name: _folded_form(m) for name, m in template.named_modules()}
+    if any(f is None for f in forms.values()):
+        return None
+    folded = copy.deepcopy(template)
+    for name, form in forms.items():
+        if form is _PER_SAMPLE:
+            continue
+        if not name:  # the stage itself is a single layer with weights
+            return None
+        parent_name, _, child = name.rpartition(".")
+        parent = folded.get_submodule(parent_name)
+        layer = parent.get_submodule(child)
+        indices = {p: index[f"{name}.{p}"] for p, _ in layer.named_parameters(recurse=False)}
+        setattr(parent, child, form(layer, stacked, indices, num_runs))
+    return folded
+
+
+def _map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    raise TypeError(f"a stacked stage passes tensors or tuples of tensors between stages; got {type(x).__name__}")
+
+
+def _first_tensor(x: Any) -> Tensor:
+    return x if isinstance(x, Tensor) else _first_tensor(x[0])
+
+
 class StackedStage(nn.Module):
     """K copies of one stage (same structure) as one module over inputs stacked along dimension 0.
 
@@ -133,10 +282,19 @@ class StackedStage(nn.Module):
         # the template: a copy of run 0's module, holding no state of its own that is used (functional_call
         # replaces it), with layers that have a faster batched form swapped for it (_use_run_stacked_layers)
         self._template = [_use_run_stacked_layers(copy.deepcopy(first))]  # a list: not registered as a submodule
+        # the fast form (runs folded into the batch dimension), where every layer of the stage has one
+        self._folded = [_fold_runs(self._template[0], self.stacked, self._param_names, self.num_runs)]
+
+    @property
+    def folded(self) -> bool:
+        """Whether the stage runs with the K runs folded into the batch dimension (else ``vmap(functional_call)``)."""
+        return self._folded[0] is not None
 
     def train(self, mode: bool = True) -> "StackedStage":
         super().train(mode)
-        self._template[0].train(mode)
+        for m in self._template + self._folded:
+            if m is not None:
+                m.train(mode)
         return self
 
     def stacked_buffers(self) -> list[Tensor]:
@@ -147,7 +305,30 @@ class StackedStage(nn.Module):
         state.update(zip(self._buffer_names, buffers))
         return functional_call(self._template[0], state, (x,))
 
+    def _forward_folded(self, x: Any) -> Optional[Any]:
+        """The stage on inputs ``[K, N, ...]`` folded to ``[K*N, ...]``; None where inputs do not fit that form."""
+        k = self.num_runs
+        leading = set()
+        _map_tensors(x, lambda t: leading.add(tuple(t.shape[:2]) if t.dim() >= 2 else None) or t)
+        if len(leading) != 1 or None in leading:
+            return None
+        (_, n), = leading
+        out = self._folded[0](_map_tensors(x, lambda t: t.reshape(k * n, *t.shape[2:])))
+
+        def unfold(t: Tensor) -> Tensor:
+            if t.dim() == 0 or t.shape[0] != k * n:
+                raise RuntimeError(f"a stacked stage ({' > '.join(self.names)}) returned a tensor of shape "
+                                   f"{tuple(t.shape)} for {k} runs x {n} samples; its layers must keep the batch "
+                                   "dimension first")
+            return t.reshape(k, n, *t.shape[1:])
+
+        return _map_tensors(out, unfold)
+
     def forward(self, x: Any) -> Any:
+        if self._folded[0] is not None:
+            out = self._forward_folded(x)
+            if out is not None:
+                return out
         try:
             return vmap(self._run_one)(list(self.stacked), self.stacked_buffers(), x)
         except RuntimeError as err:
