@@ -29,7 +29,7 @@ from .data.transfer import to_device
 from .partition import Granularity, Partition, partition as make_partition
 from .simulator import PipelineSimulator
 
-__all__ = ["StackedStage", "MultiRunSimulator", "build_multi_simulator", "train_many"]
+__all__ = ["StackedStage", "MultiRunSimulator", "build_multi_simulator", "train_many", "min_runs_to_batch"]
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -286,6 +286,11 @@ class StackedStage(nn.Module):
         self._folded = [_fold_runs(self._template[0], self.stacked, self._param_names, self.num_runs)]
 
     @property
+    def has_conv(self) -> bool:
+        """Whether the stage has a convolution (whose batched form, one grouped convolution, is the main gain)."""
+        return any(isinstance(m, nn.Conv2d) for m in self._template[0].modules())
+
+    @property
     def folded(self) -> bool:
         """Whether the stage runs with the K runs folded into the batch dimension (else ``vmap(functional_call)``)."""
         return self._folded[0] is not None
@@ -365,6 +370,24 @@ def _stack_inputs(items: Sequence[Any], what: str) -> Any:
     raise TypeError(f"train_many stacks tensors or tuples of tensors; got {type(first).__name__} as {what}")
 
 
+#: the fewest runs for which one batched simulation beats the same runs one by one on one CPU thread, by the form
+#: of the stages (measured with ``benchmarks/bench_batch_runs.py --k-sweep``, docs/performance.md, "Many runs at
+#: once"): folded stages with convolutions (ResNet-20-GN: K = 2 already faster), folded stages of
+#: linear layers only (8x8-digits MLP: K = 2 0.7x, K = 4 1.3x), any stage left to ``vmap`` (K = 4 0.96x, K = 8 1.5x)
+MIN_RUNS_CONV, MIN_RUNS_DENSE, MIN_RUNS_VMAP = 2, 4, 8
+
+
+def min_runs_to_batch(stages: Sequence["StackedStage"], device: Union[str, torch.device] = "cpu") -> int:
+    """The fewest runs worth batching for these stages: a fixed rule (no timing at run time, so the choice, which
+    changes float32 rounding, is the same on every call). On a GPU batching always pays (batch size one leaves it
+    idle); on a CPU it depends on how much of a step is kernel time (see :data:`MIN_RUNS_CONV`)."""
+    if torch.device(device).type != "cpu":
+        return 2
+    if not all(st.folded for st in stages):
+        return MIN_RUNS_VMAP
+    return MIN_RUNS_CONV if any(st.has_conv for st in stages) else MIN_RUNS_DENSE
+
+
 class MultiRunSimulator:
     """K runs of one architecture trained as one :class:`PipelineSimulator` over stacked stages.
 
@@ -387,6 +410,10 @@ class MultiRunSimulator:
     @property
     def step_count(self) -> int:
         return self.simulator.step_count
+
+    def min_runs_to_batch(self) -> int:
+        """:func:`min_runs_to_batch` for this simulator's stages and device."""
+        return min_runs_to_batch(self.stages, self.device)
 
     def step(self, xs: Sequence[Any], ys: Sequence[Any]) -> Tensor:
         """One micro-batch per run (``xs[k], ys[k]``); returns the K losses (detached, from stale weights)."""
