@@ -489,7 +489,13 @@ def build_multi_simulator(
                         parts[0].granularity, delay_offset)
 
     def stacked_loss(output: Any, target: Any) -> Tensor:
-        return loss_fn(output, target) if loss_is_stacked else vmap(loss_fn)(output, target)
+        if loss_is_stacked:
+            return loss_fn(output, target)
+        if loss_fn is F.cross_entropy and isinstance(output, Tensor) and output.dim() == 3 and target.dim() == 2:
+            # [K, N, C] logits: the K runs' mean cross-entropies in one call (vmap decomposes it op by op)
+            k, n = target.shape
+            return F.cross_entropy(output.reshape(k * n, -1), target.reshape(k * n), reduction="none").view(k, n).mean(1)
+        return vmap(loss_fn)(output, target)
 
     sim = build_simulator(stacked, stacked_loss, method=method, lr=min(lrs) if isinstance(lrs, list) else lrs,
                           momentum=momentum, weight_decay=weight_decay, **options)
