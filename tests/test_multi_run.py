@@ -268,3 +268,10 @@ def test_min_runs_to_batch_follows_the_form_of_the_stages():
     assert min_runs_to_batch(stages(mlp)) == MIN_RUNS_DENSE == 4
     assert min_runs_to_batch(stages(bn)) == MIN_RUNS_VMAP == 8
     assert min_runs_to_batch(stages(bn), "cuda") == 2
+
+    def hooked():  # a hook may expect one run's shapes: such a stage keeps vmap
+        m = cnn()
+        m[0].register_forward_hook(lambda mod, inp, out: None)
+        return m
+
+    assert stages(cnn)[0].folded and not stages(hooked)[0].folded

@@ -193,6 +193,10 @@ class _FoldedLinear(_FoldedLayer):
 def _folded_form(module: nn.Module) -> Optional[type]:
     """The folded replacement of a layer with weights, ``_PER_SAMPLE`` for a per-sample layer, None if unsupported."""
     t = type(module)
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        return None  # hooks may expect one run's shapes
+    if "forward" in vars(module) and not isinstance(module, nn.GroupNorm):  # a forward set on the instance
+        return None
     if isinstance(module, nn.Conv2d) and t.forward is nn.Conv2d.forward and t._conv_forward is nn.Conv2d._conv_forward:
         return _FoldedConv2d if module.padding_mode == "zeros" else None
     if isinstance(module, nn.GroupNorm) and t.forward is nn.GroupNorm.forward:
