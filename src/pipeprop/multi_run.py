@@ -2,7 +2,10 @@
 
 The K models are partitioned alike; stage ``s`` of every run becomes one :class:`StackedStage` whose
 parameters are the K runs' parameters stacked along a new leading dimension
-(``torch.func.stack_module_state``) and whose forward is ``vmap(functional_call)`` over that dimension.
+(``torch.func.stack_module_state``). Its forward folds the runs into the batch dimension where every layer
+of the stage has a folded form (convolutions, linear layers, GroupNorm, per-sample layers: one batched
+kernel per layer for all runs, no per-call ``vmap`` overhead) and is ``vmap(functional_call)`` over the
+stacked dimension otherwise. :func:`min_runs_to_batch` says from how many runs batching is faster.
 A :class:`~pipeprop.simulator.PipelineSimulator` trains these stacked stages unchanged: the weight swap
 and the saved-tensor rebinding of :mod:`pipeprop.weight_swap` act on the stacked tensors, the per-stage
 optimizer updates all K runs in one set of tensor operations, and the loss is the vector of the K runs'
