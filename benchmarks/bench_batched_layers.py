@@ -4,7 +4,8 @@ Usage:  python benchmarks/bench_batched_layers.py [--k 8]
 
 For ResNet-20's three layer shapes, forward + backward of K runs (own weights, one sample each) as
 (a) K separate calls, (b) ``vmap`` (PyTorch turns a vmapped convolution into one grouped convolution),
-(c) for convolutions: channels-last grouped, and im2col (``unfold``) + batched matmul; for GroupNorm:
+(c) for convolutions: one grouped convolution on the runs folded into the channels (what ``train_many``'s
+folded stages run), and im2col (``unfold``) + batched matmul; for GroupNorm:
 one call with K times the groups (what ``train_many`` uses, :class:`pipeprop.multi_run._RunStackedGroupNorm`).
 Prints ms per call; see docs/performance.md, "Many runs at once".
 """
@@ -12,6 +13,7 @@ Prints ms per call; see docs/performance.md, "Many runs at once".
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Callable
 
@@ -37,26 +39,26 @@ def main() -> None:
     k = args.k
     print(f"K = {k} runs, batch size 1, 1 thread, torch {torch.__version__}; ms per forward + backward")
     print(f"{'layer':<22} {'separate':>9} {'vmap':>9} {'other 1':>9} {'other 2':>9}")
-    for c, h in ((16, 32), (32, 16), (64, 8)):
-        x = torch.randn(k, 1, c, h, h, requires_grad=True)
-        w = torch.randn(k, c, c, 3, 3, requires_grad=True)
+    for cin, c, h in ((3, 16, 32), (16, 16, 32), (32, 32, 16), (64, 64, 8)):
+        x = torch.randn(k, 1, cin, h, h, requires_grad=True)
+        w = torch.randn(k, c, cin, 3, 3, requires_grad=True)
 
         def separate() -> None:
-            torch.stack([F.conv2d(x[i], w[i], padding=1) for i in range(k)]).sum().backward()
+            torch.cat([F.conv2d(x[i], w[i], padding=1) for i in range(k)]).sum().backward()
 
         def vmapped() -> None:
             vmap(lambda a, b: F.conv2d(a, b, padding=1))(x, w).sum().backward()
 
-        def channels_last() -> None:
-            xx = x.reshape(1, k * c, h, h).contiguous(memory_format=torch.channels_last)
-            F.conv2d(xx, w.reshape(k * c, c, 3, 3), padding=1, groups=k).sum().backward()
+        def grouped() -> None:  # what train_many's folded stages run (pipeprop.multi_run._FoldedConv2d)
+            F.conv2d(x.reshape(1, k * cin, h, h), w.reshape(k * c, cin, 3, 3), padding=1, groups=k).sum().backward()
 
         def im2col() -> None:
-            cols = F.unfold(x.reshape(k, c, h, h), 3, padding=1)
-            torch.bmm(w.reshape(k, c, c * 9), cols).sum().backward()
+            cols = F.unfold(x.reshape(k, cin, h, h), 3, padding=1)
+            torch.bmm(w.reshape(k, c, cin * 9), cols).sum().backward()
 
-        times = [timeit(f) for f in (separate, vmapped, channels_last, im2col)]
-        print(f"{f'conv3x3 {c}ch {h}x{h}':<22} " + " ".join(f"{t:>9.2f}" for t in times) + "   (3: channels-last grouped, 4: unfold+bmm)")
+        times = [statistics.median(timeit(f, 10) for _ in range(5)) for f in (separate, vmapped, grouped, im2col)]
+        print(f"{f'conv3x3 {cin}->{c}ch {h}x{h}':<22} " + " ".join(f"{t:>9.2f}" for t in times)
+              + "   (3: one grouped conv, used; 4: unfold+bmm)")
     for c, h in ((16, 32), (64, 8)):
         g = min(8, c)
         x = torch.randn(k, 1, c, h, h, requires_grad=True)

@@ -1,6 +1,6 @@
 """The speed table of docs/performance.md: every figure a ratio measured in this one run.
 
-Usage:  python benchmarks/bench_table.py [--rounds 9] [--k 8] [--no-distributed]   (``make bench``)
+Usage:  python benchmarks/bench_table.py [--rounds 9] [--k 2 4 8] [--no-distributed]   (``make bench``)
 
 Rows (batch size 1, one thread, interleaved with its reference so both see the same machine load; each
 ratio is the median over rounds of the per-round ratio):
@@ -8,9 +8,9 @@ ratio is the median over rounds of the per-round ratio):
 * ``mlp pb`` / ``mlp pb+sc+lwp``: 8 linear layers of width 256 (3x16x16 inputs), ``PipelineSimulator.step``
   time / plain PyTorch SGD step time (``model(x)``, ``backward``, ``torch.optim.SGD.step``, ``loss.item()``);
 * ``resnet20-gn pb``: the same for ResNet-20 with GroupNorm on 3x32x32 inputs (20 stages);
-* ``resnet20-gn x K``: K runs of ResNet-20-GN (own seeds, data and learning rates) with
-  ``pipeprop.train_many`` vs the same K runs one after the other with ``PipelineSimulator``: the speed-up
-  in run-samples/s;
+* ``resnet20-gn x K`` (K = 2, 4, 8 by default, ``--k``): K runs of ResNet-20-GN (own seeds, data and
+  learning rates) with ``pipeprop.train_many`` vs the same K runs one after the other with
+  ``PipelineSimulator``: the speed-up in run-samples/s;
 * ``distributed P=2``: ``benchmarks/bench_distributed.py`` run unchanged as a subprocess (PB vs torch's
   ``Schedule1F1B`` at equal micro-batch, b = 16 and b = 1): samples/s of PB / samples/s of 1F1B.
 """
@@ -98,7 +98,7 @@ def distributed(micro_batch: int, samples: int, timeout: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds per row (median reported)")
-    ap.add_argument("--k", type=int, default=8, help="runs for the train_many row")
+    ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="runs for the train_many rows (one row each)")
     ap.add_argument("--many-method", default="pb+sc+lwp")
     ap.add_argument("--no-distributed", action="store_true", help="skip the distributed rows (two processes)")
     args = ap.parse_args()
@@ -119,9 +119,10 @@ def main() -> None:
     images = [(torch.randn(1, 3, 32, 32), torch.randint(0, 10, (1,))) for _ in range(100)]
     r = compare(resnet20, images, "pb", steps=10, rounds=args.rounds)
     row("resnet20-gn pb / plain", f"{r['plain_ms']:.2f} ms", f"{r['sim_ms']:.2f} ms", r["ratio"])
-    r = many_runs(args.k, steps=4, rounds=max(3, args.rounds // 2), method=args.many_method)
-    row(f"resnet20-gn x{args.k} {args.many_method} train_many", f"{r['separate']:.1f} r-s/s", f"{r['many']:.1f} r-s/s",
-        r["speedup"])
+    for k in args.k:
+        r = many_runs(k, steps=4, rounds=max(3, args.rounds // 2), method=args.many_method)
+        row(f"resnet20-gn x{k} {args.many_method} train_many", f"{r['separate']:.1f} r-s/s", f"{r['many']:.1f} r-s/s",
+            r["speedup"])
     if not args.no_distributed:
         for b, samples in ((16, 1024), (1, 256)):
             try:

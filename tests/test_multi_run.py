@@ -214,3 +214,64 @@ def test_to_device_keeps_tensors_on_their_device_and_recurses():
     moved = to_device((x, [y]), "cpu")
     assert moved[0] is x and moved[1][0] is y and isinstance(moved[1], list)
     assert to_device(x.to(DT), torch.device("cpu")).dtype == DT
+
+
+def residual_cnn() -> nn.Sequential:
+    """Conv (strided, grouped, with bias) + GroupNorm + a residual block carried in a tuple, with the
+    parameter-free shortcut of ResNet-20 (subsample + zero-pad channels)."""
+    from pipeprop.models import Fork, Join, OnBranch, PadShortcut
+
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), Fork(),
+        OnBranch(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True), nn.GroupNorm(3, 6, affine=False)),
+        Join(PadShortcut(2, 2)), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
+    ).to(DT)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_folded_stages_equal_separate_runs(batch):
+    """Stages of convolutions, GroupNorm, linear and per-sample layers run with the runs folded into the batch
+    dimension (no vmap): equal to separate runs, for one sample per micro-batch (pure reshapes) and several."""
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(residual_cnn())
+    refs = [copy.deepcopy(m) for m in models]
+    g = torch.Generator().manual_seed(7)
+    streams = [[(torch.randn(batch, 2, 6, 6, dtype=DT, generator=g), torch.randint(0, 4, (batch,), generator=g))
+                for _ in range(10)] for _ in range(3)]
+    lrs = [0.05, 0.1, 0.2]
+    sim = pipeprop.build_multi_simulator(models, F.cross_entropy, method="pb+sc+lwp", lr=lrs, momentum=0.9,
+                                         weight_decay=1e-3)
+    assert all(st.folded for st in sim.stages)
+    losses = torch.stack([sim.step([s[n][0] for s in streams], [s[n][1] for s in streams]) for n in range(10)]).t()
+    sim.write_back()
+    for k in range(3):
+        ref = pipeprop.train(refs[k], streams[k], F.cross_entropy, method="pb+sc+lwp", lr=lrs[k], momentum=0.9,
+                             weight_decay=1e-3)
+        torch.testing.assert_close(losses[k], torch.tensor(ref, dtype=DT), rtol=0, atol=1e-9)
+        for a, b in zip(models[k].parameters(), refs[k].parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    assert not torch.allclose(models[0][0].weight, models[1][0].weight)
+
+
+def test_min_runs_to_batch_follows_the_form_of_the_stages():
+    """Convolutions fold and pay from 2 runs, linear-only stages from 4, stages left to vmap from 8; any GPU: 2."""
+    from pipeprop.multi_run import MIN_RUNS_CONV, MIN_RUNS_DENSE, MIN_RUNS_VMAP, min_runs_to_batch
+
+    def stages(make):
+        return pipeprop.build_multi_simulator([make(), make()], F.cross_entropy, method="pb", lr=0.1).stages
+
+    bn = lambda: nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).to(DT)  # noqa: E731
+    assert not all(st.folded for st in stages(bn))
+    assert min_runs_to_batch(stages(cnn)) == MIN_RUNS_CONV == 2
+    assert min_runs_to_batch(stages(mlp)) == MIN_RUNS_DENSE == 4
+    assert min_runs_to_batch(stages(bn)) == MIN_RUNS_VMAP == 8
+    assert min_runs_to_batch(stages(bn), "cuda") == 2
+
+    def hooked():  # a hook may expect one run's shapes: such a stage keeps vmap
+        m = cnn()
+        m[0].register_forward_hook(lambda mod, inp, out: None)
+        return m
+
+    assert stages(cnn)[0].folded and not stages(hooked)[0].folded

@@ -137,3 +137,19 @@ def test_a_diverging_run_stops_alone_and_leaves_the_others_untouched(tmp_path: P
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-9)
     assert_close_metrics(metrics(dirs[0]), metrics(tmp_path / "a0"))
+
+
+def test_default_leaves_groups_unbatched_where_batching_is_slower(tmp_path: Path) -> None:
+    """Two seeds of an MLP (batching pays from 4 runs of linear layers) run one by one by default, with a notice
+    naming --batch-runs; an explicit batch_runs batches them; each then resumes as it started."""
+    cfg = tiny(methods=["pb"], seeds=[0, 1], samples=40)
+    lines: list[str] = []
+    summaries, _ = run_sweep(cfg, tmp_path / "d", echo=lines.append)
+    assert [s["status"] for s in summaries] == ["completed", "completed"]
+    notices = [line for line in lines if line.startswith("notice:")]
+    assert len(notices) == 1 and "not batched" in notices[0] and "--batch-runs 2" in notices[0]
+    assert not any("runs batched" in line for line in lines)
+    assert not any("batched" in load_checkpoint(tmp_path / "d" / "pb" / f"seed{s}" / "checkpoint.pt") for s in (0, 1))
+    lines.clear()
+    run_sweep(cfg, tmp_path / "f", batch_runs=2, echo=lines.append)
+    assert any("2 runs batched" in line for line in lines) and not any(line.startswith("notice:") for line in lines)

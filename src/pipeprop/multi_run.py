@@ -2,7 +2,10 @@
 
 The K models are partitioned alike; stage ``s`` of every run becomes one :class:`StackedStage` whose
 parameters are the K runs' parameters stacked along a new leading dimension
-(``torch.func.stack_module_state``) and whose forward is ``vmap(functional_call)`` over that dimension.
+(``torch.func.stack_module_state``). Its forward folds the runs into the batch dimension where every layer
+of the stage has a folded form (convolutions, linear layers, GroupNorm, per-sample layers: one batched
+kernel per layer for all runs, no per-call ``vmap`` overhead) and is ``vmap(functional_call)`` over the
+stacked dimension otherwise. :func:`min_runs_to_batch` says from how many runs batching is faster.
 A :class:`~pipeprop.simulator.PipelineSimulator` trains these stacked stages unchanged: the weight swap
 and the saved-tensor rebinding of :mod:`pipeprop.weight_swap` act on the stacked tensors, the per-stage
 optimizer updates all K runs in one set of tensor operations, and the loss is the vector of the K runs'
@@ -29,7 +32,7 @@ from .data.transfer import to_device
 from .partition import Granularity, Partition, partition as make_partition
 from .simulator import PipelineSimulator
 
-__all__ = ["StackedStage", "MultiRunSimulator", "build_multi_simulator", "train_many"]
+__all__ = ["StackedStage", "MultiRunSimulator", "build_multi_simulator", "train_many", "min_runs_to_batch"]
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -99,6 +102,159 @@ def _use_run_stacked_layers(module: nn.Module) -> nn.Module:
     return module
 
 
+# ---------------------------------------------------------------------------- runs folded into the batch dimension
+# The fast form of a stacked stage: the K runs' micro-batches are folded into one batch dimension (``[K*N, ...]``,
+# run-major), the per-sample layers (activations, pooling, flatten, the residual blocks' tuples and additions) run
+# unchanged, and each layer with weights computes all K runs in one call: a convolution as one grouped convolution
+# with the runs in the channels (``groups * K``), a linear layer as one batched matrix product, a GroupNorm with K
+# times the groups. No ``vmap``/``functional_call`` per call: that per-call overhead made K = 2 slower than two
+# separate runs. Only stages made entirely of the layers below take this form (exact types, so a subclass with a
+# forward of its own falls back to ``vmap``); the numbers equal separate runs up to rounding.
+
+#: parameter-free layers that treat every sample of the batch on its own (safe to run on folded batches)
+_PER_SAMPLE_LAYERS: tuple[type, ...] = (
+    nn.Sequential, nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+    nn.Softplus, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+
+
+def _per_sample_blocks() -> tuple[type, ...]:
+    from .models.blocks import Fork, Join, OnBranch, OnSkip, PadShortcut
+    from .partition import Stage
+
+    return (Stage, Fork, Join, OnBranch, OnSkip, PadShortcut)
+
+
+def _fold_input(x: Tensor, k: int, n: int) -> Tensor:
+    """``[K*N, C, ...]`` (run-major) -> ``[N, K*C, ...]``: the runs side by side in the channels (a view if N = 1)."""
+    rest = x.shape[1:]
+    if n == 1:
+        return x.reshape(1, k * rest[0], *rest[1:])
+    return x.reshape(k, n, *rest).transpose(0, 1).reshape(n, k * rest[0], *rest[1:])
+
+
+def _unfold_output(y: Tensor, k: int, n: int) -> Tensor:
+    """Inverse of :func:`_fold_input`: ``[N, K*C, ...]`` -> ``[K*N, C, ...]``."""
+    c, rest = y.shape[1] // k, y.shape[2:]
+    if n == 1:
+        return y.reshape(k, c, *rest)
+    return y.reshape(n, k, c, *rest).transpose(0, 1).reshape(k * n, c, *rest)
+
+
+class _FoldedLayer(nn.Module):
+    """A layer of a stacked stage computing all K runs at once from the stage's stacked parameters."""
+
+    def __init__(self, layer: nn.Module, stacked: nn.ParameterList, indices: dict[str, int], num_runs: int) -> None:
+        super().__init__()
+        self._stacked = [stacked]  # a list: the stage owns (and registers) the parameters
+        self._indices = indices
+        self.num_runs = num_runs
+
+    def _param(self, name: str) -> Optional[Tensor]:
+        i = self._indices.get(name)
+        return None if i is None else self._stacked[0][i]
+
+
+class _FoldedConv2d(_FoldedLayer):
+    def __init__(self, conv: nn.Conv2d, *args: Any) -> None:
+        super().__init__(conv, *args)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.num_runs
+        n = x.shape[0] // k
+        w, b = self._param("weight"), self._param("bias")
+        out = F.conv2d(_fold_input(x, k, n), w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1),
+                       self.stride, self.padding, self.dilation, self.groups * k)
+        return _unfold_output(out, k, n)
+
+
+class _FoldedGroupNorm(_FoldedLayer):
+    def __init__(self, norm: nn.GroupNorm, *args: Any) -> None:
+        super().__init__(norm, *args)
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.num_runs
+        n = x.shape[0] // k
+        w, b = self._param("weight"), self._param("bias")
+        out = F.group_norm(_fold_input(x, k, n), k * self.num_groups, None if w is None else w.reshape(-1),
+                           None if b is None else b.reshape(-1), self.eps)
+        return _unfold_output(out, k, n)
+
+
+class _FoldedLinear(_FoldedLayer):
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.num_runs
+        w, b = self._param("weight"), self._param("bias")
+        xs = x.reshape(k, -1, x.shape[-1])  # [K, N*..., in]
+        out = torch.bmm(xs, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), xs, w.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], w.shape[1])
+
+
+def _folded_form(module: nn.Module) -> Optional[type]:
+    """The folded replacement of a layer with weights, ``_PER_SAMPLE`` for a per-sample layer, None if unsupported."""
+    t = type(module)
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        return None  # hooks may expect one run's shapes
+    if "forward" in vars(module) and not isinstance(module, nn.GroupNorm):  # a forward set on the instance
+        return None
+    if isinstance(module, nn.Conv2d) and t.forward is nn.Conv2d.forward and t._conv_forward is nn.Conv2d._conv_forward:
+        return _FoldedConv2d if module.padding_mode == "zeros" else None
+    if isinstance(module, nn.GroupNorm) and t.forward is nn.GroupNorm.forward:
+        return _FoldedGroupNorm
+    if isinstance(module, nn.Linear) and t.forward is nn.Linear.forward:
+        return _FoldedLinear
+    if t is nn.Flatten:
+        return _PER_SAMPLE if module.start_dim >= 1 else None
+    if t in _PER_SAMPLE_LAYERS or t in _per_sample_blocks():
+        return _PER_SAMPLE if not any(True for _ in module.parameters(recurse=False)) else None
+    return None
+
+
+class _PerSample:  # marker
+    pass
+
+
+_PER_SAMPLE = _PerSample
+
+
+def _fold_runs(template: nn.Module, stacked: nn.ParameterList, param_names: Sequence[str],
+               num_runs: int) -> Optional[nn.Module]:
+    """``template`` with its layers replaced by their folded forms, or None if a layer has none (or has buffers)."""
+    if any(True for _ in template.buffers()):
+        return None
+    index = {n: i for i, n in enumerate(param_names)}
+    forms = {name: _folded_form(m) for name, m in template.named_modules()}
+    if any(f is None for f in forms.values()):
+        return None
+    folded = copy.deepcopy(template)
+    for name, form in forms.items():
+        if form is _PER_SAMPLE:
+            continue
+        if not name:  # the stage itself is a single layer with weights
+            return None
+        parent_name, _, child = name.rpartition(".")
+        parent = folded.get_submodule(parent_name)
+        layer = parent.get_submodule(child)
+        indices = {p: index[f"{name}.{p}"] for p, _ in layer.named_parameters(recurse=False)}
+        setattr(parent, child, form(layer, stacked, indices, num_runs))
+    return folded
+
+
+def _map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    raise TypeError(f"a stacked stage passes tensors or tuples of tensors between stages; got {type(x).__name__}")
+
+
+def _first_tensor(x: Any) -> Tensor:
+    return x if isinstance(x, Tensor) else _first_tensor(x[0])
+
+
 class StackedStage(nn.Module):
     """K copies of one stage (same structure) as one module over inputs stacked along dimension 0.
 
@@ -133,10 +289,24 @@ class StackedStage(nn.Module):
         # the template: a copy of run 0's module, holding no state of its own that is used (functional_call
         # replaces it), with layers that have a faster batched form swapped for it (_use_run_stacked_layers)
         self._template = [_use_run_stacked_layers(copy.deepcopy(first))]  # a list: not registered as a submodule
+        # the fast form (runs folded into the batch dimension), where every layer of the stage has one
+        self._folded = [_fold_runs(self._template[0], self.stacked, self._param_names, self.num_runs)]
+
+    @property
+    def has_conv(self) -> bool:
+        """Whether the stage has a convolution (whose batched form, one grouped convolution, is the main gain)."""
+        return any(isinstance(m, nn.Conv2d) for m in self._template[0].modules())
+
+    @property
+    def folded(self) -> bool:
+        """Whether the stage runs with the K runs folded into the batch dimension (else ``vmap(functional_call)``)."""
+        return self._folded[0] is not None
 
     def train(self, mode: bool = True) -> "StackedStage":
         super().train(mode)
-        self._template[0].train(mode)
+        for m in self._template + self._folded:
+            if m is not None:
+                m.train(mode)
         return self
 
     def stacked_buffers(self) -> list[Tensor]:
@@ -147,7 +317,30 @@ class StackedStage(nn.Module):
         state.update(zip(self._buffer_names, buffers))
         return functional_call(self._template[0], state, (x,))
 
+    def _forward_folded(self, x: Any) -> Optional[Any]:
+        """The stage on inputs ``[K, N, ...]`` folded to ``[K*N, ...]``; None where inputs do not fit that form."""
+        k = self.num_runs
+        leading = set()
+        _map_tensors(x, lambda t: leading.add(tuple(t.shape[:2]) if t.dim() >= 2 else None) or t)
+        if len(leading) != 1 or None in leading:
+            return None
+        (_, n), = leading
+        out = self._folded[0](_map_tensors(x, lambda t: t.reshape(k * n, *t.shape[2:])))
+
+        def unfold(t: Tensor) -> Tensor:
+            if t.dim() == 0 or t.shape[0] != k * n:
+                raise RuntimeError(f"a stacked stage ({' > '.join(self.names)}) returned a tensor of shape "
+                                   f"{tuple(t.shape)} for {k} runs x {n} samples; its layers must keep the batch "
+                                   "dimension first")
+            return t.reshape(k, n, *t.shape[1:])
+
+        return _map_tensors(out, unfold)
+
     def forward(self, x: Any) -> Any:
+        if self._folded[0] is not None:
+            out = self._forward_folded(x)
+            if out is not None:
+                return out
         try:
             return vmap(self._run_one)(list(self.stacked), self.stacked_buffers(), x)
         except RuntimeError as err:
@@ -184,6 +377,24 @@ def _stack_inputs(items: Sequence[Any], what: str) -> Any:
     raise TypeError(f"train_many stacks tensors or tuples of tensors; got {type(first).__name__} as {what}")
 
 
+#: the fewest runs for which one batched simulation beats the same runs one by one on one CPU thread, by the form
+#: of the stages (measured with ``benchmarks/bench_batch_runs.py --k-sweep``, docs/performance.md, "Many runs at
+#: once"): folded stages with convolutions (ResNet-20-GN: K = 2 already faster), folded stages of
+#: linear layers only (8x8-digits MLP: K = 2 0.7x, K = 4 1.3x), any stage left to ``vmap`` (K = 4 0.96x, K = 8 1.5x)
+MIN_RUNS_CONV, MIN_RUNS_DENSE, MIN_RUNS_VMAP = 2, 4, 8
+
+
+def min_runs_to_batch(stages: Sequence["StackedStage"], device: Union[str, torch.device] = "cpu") -> int:
+    """The fewest runs worth batching for these stages: a fixed rule (no timing at run time, so the choice, which
+    changes float32 rounding, is the same on every call). On a GPU batching always pays (batch size one leaves it
+    idle); on a CPU it depends on how much of a step is kernel time (see :data:`MIN_RUNS_CONV`)."""
+    if torch.device(device).type != "cpu":
+        return 2
+    if not all(st.folded for st in stages):
+        return MIN_RUNS_VMAP
+    return MIN_RUNS_CONV if any(st.has_conv for st in stages) else MIN_RUNS_DENSE
+
+
 class MultiRunSimulator:
     """K runs of one architecture trained as one :class:`PipelineSimulator` over stacked stages.
 
@@ -206,6 +417,10 @@ class MultiRunSimulator:
     @property
     def step_count(self) -> int:
         return self.simulator.step_count
+
+    def min_runs_to_batch(self) -> int:
+        """:func:`min_runs_to_batch` for this simulator's stages and device."""
+        return min_runs_to_batch(self.stages, self.device)
 
     def step(self, xs: Sequence[Any], ys: Sequence[Any]) -> Tensor:
         """One micro-batch per run (``xs[k], ys[k]``); returns the K losses (detached, from stale weights)."""
@@ -281,7 +496,13 @@ def build_multi_simulator(
                         parts[0].granularity, delay_offset)
 
     def stacked_loss(output: Any, target: Any) -> Tensor:
-        return loss_fn(output, target) if loss_is_stacked else vmap(loss_fn)(output, target)
+        if loss_is_stacked:
+            return loss_fn(output, target)
+        if loss_fn is F.cross_entropy and isinstance(output, Tensor) and output.dim() == 3 and target.dim() == 2:
+            # [K, N, C] logits: the K runs' mean cross-entropies in one call (vmap decomposes it op by op)
+            k, n = target.shape
+            return F.cross_entropy(output.reshape(k * n, -1), target.reshape(k * n), reduction="none").view(k, n).mean(1)
+        return vmap(loss_fn)(output, target)
 
     sim = build_simulator(stacked, stacked_loss, method=method, lr=min(lrs) if isinstance(lrs, list) else lrs,
                           momentum=momentum, weight_decay=weight_decay, **options)

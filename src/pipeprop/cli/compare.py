@@ -12,7 +12,8 @@ from ..experiments.cli_options import config_options, friendly_errors, resolve_c
 
 
 BATCH_RUNS_HELP = ("train up to K runs that differ only in seed as one batched simulation, each in its own run "
-                   "folder (default 8; 1 = one by one; see docs/experiments.md)")
+                   "folder (default: up to 8, where batching is faster than one by one; an explicit K always "
+                   "batches; 1 = one by one; see docs/experiments.md)")
 
 
 def parse_list(text: Optional[str]) -> Optional[list[str]]:

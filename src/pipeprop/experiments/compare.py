@@ -50,8 +50,10 @@ def run_sweep(
     ``batch_runs`` (default :data:`DEFAULT_BATCH_RUNS`): runs that differ only in seed (or learning rate)
     are trained up to that many at a time as one batched simulation
     (:class:`~pipeprop.experiments.run_group.RunGroup`), each in its own run folder; 1 trains them one by
-    one. Runs that cannot be batched fall back to one by one with a notice. A run checkpointed in a group
-    resumes in a group.
+    one. Runs that cannot be batched fall back to one by one with a notice. By default a group smaller than
+    :meth:`~pipeprop.multi_run.MultiRunSimulator.min_runs_to_batch` (where batching would be slower: a fixed
+    rule by model form and device) also runs one by one, with a notice; an explicit ``batch_runs`` batches
+    it anyway. A run checkpointed in a group resumes in a group (and one checkpointed alone, alone).
     """
     out_dir = Path(out_dir)
     methods = list(methods or config.methods)
@@ -72,6 +74,7 @@ def run_plan(
     show_progress: Optional[bool] = None,
     batch_runs: Optional[int] = None,
     echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    default_batch_runs: int = DEFAULT_BATCH_RUNS,
 ) -> list[Optional[dict[str, Any]]]:
     """Run (or reuse) the runs of ``plan`` (``(label, seed, config, run_dir)`` as from :func:`sweep_dirs`).
 
@@ -79,10 +82,11 @@ def run_plan(
     more than method and seed, e.g. the learning rates of a map: runs of equal
     :func:`~pipeprop.experiments.run_group.group_key` are batched wherever they sit in the plan. Returns the
     summaries in plan order; ``None`` for the runs not started because an earlier one was interrupted.
+    ``default_batch_runs``: the group size when ``batch_runs`` is not given.
     """
     from .run_group import RunGroup, group_key, is_batched_checkpoint, why_not_batched
 
-    k_max = DEFAULT_BATCH_RUNS if batch_runs is None else int(batch_runs)
+    k_max = default_batch_runs if batch_runs is None else int(batch_runs)
     if k_max < 1:
         raise ValueError(f"batch_runs must be >= 1, got {batch_runs}")
     summaries: dict[int, dict[str, Any]] = {}
@@ -131,6 +135,7 @@ def run_plan(
             idx = [i for i, _, _ in batch]
             lr_differs = len({plan[i][2].lr for i in idx}) > 1
             names = ", ".join(f"{plan[i][0]}{f' lr {plan[i][2].lr:g}' if lr_differs else ''} seed {plan[i][1]}" for i in idx)
+            group: Optional[RunGroup] = None
             try:
                 group = RunGroup([plan[i][2] for i in idx], [plan[i][3] for i in idx], model_factory=model_factory).setup()
             except ValueError as err:
@@ -138,6 +143,13 @@ def run_plan(
                     raise
                 echo(f"notice: {names} cannot be batched ({err}); running them one by one")
             else:
+                pays = group.multi.min_runs_to_batch()
+                if batch_runs is None and not batch[0][2] and len(idx) < pays:
+                    echo(f"notice: {names}: not batched, {len(idx)} runs of this model train faster one by one "
+                         f"(batching pays from {pays} runs here, docs/experiments.md \"Batched runs\"); "
+                         f"--batch-runs {len(idx)} batches them anyway")
+                    group = None
+            if group is not None:
                 echo(f"[{', '.join(str(i + 1) for i in idx)}/{len(plan)}] {names}: {len(idx)} runs batched"
                      f"{' (resuming)' if resume else ''} -> {plan[idx[0]][3].parent}/")
                 results = group.run(resume=resume, overwrite=overwrite, show_progress=show_progress)

@@ -52,7 +52,7 @@ def regime_map(
     All runs go through one :func:`~pipeprop.experiments.compare.run_plan`, so the runs of one method, rule
     and delay — every seed *and* every learning rate — train as one batched simulation of up to
     ``batch_runs`` runs (default: ``len(lrs) × len(seeds)``, at least
-    :data:`~pipeprop.experiments.compare.DEFAULT_BATCH_RUNS`; 1 trains them one by one).
+    :data:`~pipeprop.experiments.compare.DEFAULT_BATCH_RUNS`, where batching is faster; 1 trains them one by one).
     """
     if not offsets or min(offsets) < 0:
         raise ValueError(f"offsets must be non-negative extra delays, got {list(offsets)}")
@@ -63,8 +63,6 @@ def regime_map(
     if config.micro_batch != 1:
         raise ValueError("the regime map compares methods at b=1; set micro_batch=1")
     out_dir = Path(out_dir)
-    if batch_runs is None:
-        batch_runs = max(DEFAULT_BATCH_RUNS, len(lrs) * len(seeds))
     keys: list[tuple[str, float, int, str]] = []  # (rule, lr, offset, method) of every cell, in plan order
     plan: list[tuple[str, int, ExperimentConfig, Path]] = []
     for rule in rules:
@@ -77,7 +75,8 @@ def regime_map(
                     plan += sweep_dirs(base, _cell_dir(out_dir, rule, lr, offset), [entry], list(seeds))
     echo(f"regime map: {len(plan)} runs = {len(keys)} (rule, delay, lr, method) entries x {len(seeds)} seeds "
          f"({', '.join(rules)} rule; lr {', '.join(f'{v:g}' for v in lrs)}; delay_offset {', '.join(map(str, offsets))})")
-    summaries = run_plan(plan, show_progress=show_progress, batch_runs=batch_runs, echo=echo)
+    summaries = run_plan(plan, show_progress=show_progress, batch_runs=batch_runs, echo=echo,
+                         default_batch_runs=max(DEFAULT_BATCH_RUNS, len(lrs) * len(seeds)))
     if any(s is None or s.get("status") == "interrupted" for s in summaries):
         raise KeyboardInterrupt
     cells: list[dict[str, Any]] = []
