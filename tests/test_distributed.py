@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import socket
 import subprocess
@@ -416,6 +417,39 @@ def test_every_registered_pipelined_method_matches_the_simulator_on_one_rank() -
             for got, want in zip(slot.params, ref_params[slot.index], strict=True):
                 torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-13, msg=f"{method} stage {slot.index}")
         torch.testing.assert_close(torch.tensor(stats.losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)
+
+
+def test_engine_reads_losses_in_blocks_and_reports_a_divergence_at_its_micro_batch(
+        count_host_reads: Callable[[], Any]) -> None:
+    """The engine reads the losses to the host every ``read_every`` steps, not every step; a NaN loss is still
+    reported at its own micro-batch, with only the finite losses before it kept (checked against the simulator)."""
+    from pipeprop.simulator import DivergenceError
+
+    comm = PipelineComm(0, 1, timeout=5.0, device=torch.device("cpu"))
+    batches = make_batches("mlp", 30)
+    ref = pipeprop.build_simulator(make_model("mlp"), F.cross_entropy, method="pb+sc+lwp", lr=LR, momentum=MOMENTUM)
+    ref_losses = [ref.step(x, y) for x, y in batches]
+
+    def engine() -> DistributedPipeline:
+        return build_pipeline(make_model("mlp"), F.cross_entropy, comm=comm, method="pb+sc+lwp", lr=LR,
+                              momentum=MOMENTUM, assignment="uniform")
+
+    clean = engine()
+    counter = count_host_reads()
+    stats = clean.run(batches, 30, read_every=5)
+    counter.on = False
+    steps = stats.steps  # 30 + S - 1 (fill and drain)
+    assert 1 <= counter.reads <= math.ceil(steps / 5), counter.reads
+    torch.testing.assert_close(torch.tensor(stats.losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)
+
+    batches[17] = (torch.full_like(batches[17][0], float("nan")), batches[17][1])
+    broken = engine()
+    with pytest.raises(DivergenceError) as err:
+        broken.run(batches, 30, read_every=5)
+    assert err.value.step == 17 and math.isnan(err.value.loss)
+    torch.testing.assert_close(torch.tensor(broken.losses), torch.tensor(ref_losses[:17]), rtol=1e-12, atol=0)
+    computed = 17 + broken.num_stages  # the steps done when micro-batch 17 reached the loss
+    assert broken.step == 5 * math.ceil(computed / 5)  # found at the first read after it
 
 
 class _Halving:

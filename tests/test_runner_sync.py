@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -128,54 +128,23 @@ def test_diverged_run_of_a_group_stops_counting_while_the_others_go_on(tmp_path:
     assert 1 < summaries[1]["diverged_at"] < BLOCK - 1  # inside the first block
 
 
-class _CountedReads:
-    """Counts the reads of tensor values to the host (``item``, ``tolist``, ``float()``, ``int()``, ``bool()``, ...)
-    made while counting is on."""
-
-    NAMES = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu")
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.reads = 0
-        self.on = True
-        for name in self.NAMES:
-            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name)))
-
-    def _counted(self, method: Any) -> Any:
-        def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if self.on:
-                self.reads += 1
-            return method(tensor, *args, **kwargs)
-
-        return read
-
-    def paused(self, method: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.on = False
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.on = True
-
-        return call
-
-
 @pytest.mark.parametrize("batched", [False, True])
 def test_at_most_one_host_read_per_block_of_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  batched: bool) -> None:
+                                                  count_host_reads: Callable[[], Any], batched: bool) -> None:
     """600 steps, evaluations at 0 and 600 only: the training steps read the device 3 times (after steps 256,
     512 and 600), where a read per step would be 600 or more. Evaluations and checkpoints may read."""
     cfg = tiny(eval_every=600, checkpoint_every=600)
     if batched:
         configs = [cfg, cfg.replace(seed=5, lr=0.02)]
         group = RunGroup(configs, [tmp_path / "a", tmp_path / "b"]).setup()
-        counter = _CountedReads(monkeypatch)
+        counter = count_host_reads()
         monkeypatch.setattr(Runner, "_record", counter.paused(Runner._record))
         monkeypatch.setattr(group, "_save", counter.paused(group._save))
         monkeypatch.setattr(group.multi, "write_back", counter.paused(group.multi.write_back))
         statuses = [s["status"] for s in group.run()]
     else:
         runner = Runner(cfg, tmp_path / "run").setup()
-        counter = _CountedReads(monkeypatch)
+        counter = count_host_reads()
         monkeypatch.setattr(Runner, "_record", counter.paused(Runner._record))
         monkeypatch.setattr(runner, "save", counter.paused(runner.save))
         statuses = [runner.run()["status"]]

@@ -172,6 +172,7 @@ class DistributedPipeline:
         self.step = 0
         self.num_microbatches: Optional[int] = None
         self.losses: list[float] = []
+        self._pending: list[Tensor] = []  # losses not yet read to the host (micro-batches len(losses), ...)
         self.consumed = 0  # micro-batches read from the data iterator
         self._acts: dict[tuple[int, int], Payload] = {}  # (stage, n) -> input of a local stage
         self._errs: dict[tuple[int, int], Payload] = {}  # (stage, n) -> error of a local stage's output
@@ -269,10 +270,7 @@ class DistributedPipeline:
                 target = self._target(it, n)
                 loss = self.loss_fn(output, target)
                 slot.set_loss(n, loss)
-                value = float(loss.detach())
-                if self.check_finite and not math.isfinite(value):
-                    raise DivergenceError(n, value)
-                self.losses.append(value)
+                self._pending.append(loss.detach())  # read to the host in blocks (_read_losses)
             elif s == self.last:
                 assert out_act is not None
                 t1 = clock()
@@ -335,6 +333,18 @@ class DistributedPipeline:
         if self.has_right and 0 <= n < M and n not in self._pre_err:
             self._pre_err[n] = inbox_err.get(f"of micro-batch {n} (step {t}, at a checkpoint)")
 
+    def _read_losses(self) -> None:
+        """Move the pending losses to :attr:`losses` in one host read; raise :class:`DivergenceError` at the
+        first non-finite one (with ``check_finite``), keeping only the losses before it."""
+        if not self._pending:
+            return
+        values = torch.stack(self._pending).tolist()
+        self._pending = []
+        for value in values:
+            if self.check_finite and not math.isfinite(value):
+                raise DivergenceError(len(self.losses), value)
+            self.losses.append(value)
+
     # ------------------------------------------------------------------ the run
     def run(
         self,
@@ -346,6 +356,7 @@ class DistributedPipeline:
         checkpoint_fn: Optional[Callable[[dict[str, Any]], None]] = None,
         on_step: Optional[Callable[[int], None]] = None,
         progress: bool = False,
+        read_every: int = 256,
     ) -> RunStats:
         """Push ``num_microbatches`` micro-batches through the pipeline (or continue a resumed run).
 
@@ -357,6 +368,9 @@ class DistributedPipeline:
             checkpoint_every: call ``checkpoint_fn(self.state_dict())`` every this many steps.
             on_step: called with the step index after every step (metrics, schedules, fault injection).
             progress: show a progress bar (on this rank).
+            read_every: read the losses to the host (and check them) every this many steps, before each
+                checkpoint and at the end; in between the loop never waits for the device. A divergence is
+                reported at its micro-batch, up to ``read_every`` steps after it happened.
         """
         if self.num_microbatches is None:
             if num_microbatches is None or num_microbatches < 0:
@@ -364,6 +378,8 @@ class DistributedPipeline:
             self.num_microbatches = int(num_microbatches)
         elif num_microbatches is not None and int(num_microbatches) != self.num_microbatches:
             raise ValueError(f"this pipeline runs {self.num_microbatches} micro-batches (from its checkpoint), not {num_microbatches}")
+        if read_every < 1:
+            raise ValueError(f"read_every must be >= 1, got {read_every}")
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         if checkpoint_every is not None or stop_after_step is not None:
@@ -391,9 +407,14 @@ class DistributedPipeline:
             if on_step is not None:
                 on_step(t)
             boundary = self.step
-            if boundary < total and (
+            checkpoint = boundary < total and (
                 (checkpoint_every is not None and boundary % checkpoint_every == 0) or (final_ckpt and boundary == stop)
-            ):
+            )
+            if checkpoint or boundary % read_every == 0 or boundary == stop:
+                self._read_losses()
+                if bar is not None and self.losses:
+                    bar.set_postfix(loss=f"{self.losses[-1]:.4f}", refresh=False)
+            if checkpoint:
                 self._prefetch(inbox_act, inbox_err)
                 for box in (out_act, out_err):
                     if box is not None:
@@ -402,8 +423,6 @@ class DistributedPipeline:
                     checkpoint_fn(self.state_dict())
             if bar is not None:
                 bar.update(1)
-                if self.losses:
-                    bar.set_postfix(loss=f"{self.losses[-1]:.4f}", refresh=False)
         for box in (out_act, out_err):
             if box is not None:
                 box.flush()
@@ -427,6 +446,7 @@ class DistributedPipeline:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything this rank needs to continue exactly (call between steps, e.g. from ``checkpoint_fn``)."""
+        self._read_losses()
         inflight = [slot.inflight_state() for slot in self.slots]
         return {
             "format": 1,
@@ -466,6 +486,7 @@ class DistributedPipeline:
         self.step = int(state["step"])
         self.num_microbatches = state["num_microbatches"]
         self.losses = list(state["losses"])
+        self._pending = []
         self.consumed = int(state["consumed"])
         self._acts = {k: as_input(v, self.device) for k, v in state["acts"].items()}
         self._errs = {k: to_device(v, self.device) for k, v in state["errs"].items()}

@@ -176,17 +176,33 @@ def _device(cfg: ExperimentConfig) -> torch.device:
 
 
 class _CountingLoss:
-    """Cross-entropy that records the correct predictions of every micro-batch (for train accuracy)."""
+    """Cross-entropy that records the correct predictions of every micro-batch (for train accuracy).
 
-    def __init__(self, corrects: list[int]) -> None:
+    The counts stay tensors until :meth:`counts` reads them all in one host read (at checkpoints and at the
+    end), so the loop does not wait for the device every step.
+    """
+
+    def __init__(self) -> None:
         from ..experiments.builders import TrackedCrossEntropy
 
-        self.inner, self.corrects = TrackedCrossEntropy(), corrects
+        self.inner = TrackedCrossEntropy()
+        self._read: list[int] = []
+        self._pending: list[torch.Tensor] = []
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.inner(output, target)
-        self.corrects.append(int(self.inner.correct))
+        self._pending.append(torch.as_tensor(self.inner.correct))
         return loss
+
+    def counts(self, limit: Optional[int] = None) -> list[int]:
+        """The correct counts of the micro-batches so far (the first ``limit`` of them)."""
+        if self._pending:
+            self._read.extend(int(v) for v in torch.stack(self._pending).tolist())
+            self._pending = []
+        return list(self._read if limit is None else self._read[:limit])
+
+    def restore(self, counts: list[int]) -> None:
+        self._read, self._pending = [int(v) for v in counts], []
 
 
 def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, resume: bool, overwrite: bool,
@@ -218,9 +234,9 @@ def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, re
     if rank == 0 and (measured or not (run_dir / "config.json").is_file()):  # (or started by torchrun directly)
         write_run_config(setup, run_dir)
     comm.barrier()
-    corrects: list[int] = []
+    counting = _CountingLoss()
     engine = build_pipeline(
-        setup.partition, _CountingLoss(corrects), comm=comm, method=cfg.method, lr=setup.recipe.lr,
+        setup.partition, counting, comm=comm, method=cfg.method, lr=setup.recipe.lr,
         **setup.recipe.optimizer_kwargs(), weight_decay=setup.recipe.weight_decay,
         assignment=[len(r) for r in setup.ranges], device=device, queue_capacity=cfg.queue_capacity,
         lr_schedule=build_lr_schedule(setup.recipe), **optimizer_options(cfg),
@@ -239,10 +255,10 @@ def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, re
                              + fix)
         engine.load_state_dict(state["engine"])
         stream.load_state_dict(state["stream"])
-        corrects[:] = state["corrects"]
+        counting.restore(state["corrects"])
 
     def save(engine_state: dict[str, Any]) -> None:
-        state = {"ranges": ranges, "engine": engine_state, "stream": stream.state_dict(), "corrects": list(corrects)}
+        state = {"ranges": ranges, "engine": engine_state, "stream": stream.state_dict(), "corrects": counting.counts()}
         save_checkpoint(path, state, config_hash=cfg.config_hash())
 
     b = cfg.micro_batch
@@ -260,13 +276,14 @@ def _run_rank(cfg: ExperimentConfig, run_dir: Path, rank: int, world: int, *, re
     except DivergenceError as err:
         # the last rank computes the loss: it reports the divergence; its neighbours stop when it leaves
         print(f"pipeprop.distributed rank {rank}: {err}", file=sys.stderr, flush=True)
-        mine = {"stats": {"rank": rank, "wall": 0.0}, "losses": engine.losses, "corrects": list(corrects), "stages": {}}
+        mine = {"stats": {"rank": rank, "wall": 0.0}, "losses": engine.losses,
+                "corrects": counting.counts(len(engine.losses)), "stages": {}}
         write_rank0_results(setup, run_dir, [mine], "diverged", diverged_at=len(engine.losses) * b)
         os._exit(EXIT_DIVERGED)
     mine = {
         "stats": stats.as_dict(),
         "losses": stats.losses,
-        "corrects": list(corrects),
+        "corrects": counting.counts(),
         "stages": {slot.index: {k: v.cpu() for k, v in slot.module.state_dict().items()} for slot in engine.slots},
     }
     gathered: Optional[list[Any]] = [None] * world if rank == 0 else None
