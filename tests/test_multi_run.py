@@ -77,6 +77,20 @@ def test_train_many_equals_separate_runs_with_per_run_lrs(make, method, options)
     assert losses[2][-1] != losses[0][-1]
 
 
+def test_equal_per_run_lrs_batch_a_method_without_per_run_lr_support():
+    """SpecTrain keeps one lr for all runs; a list of equal rates (what a seed group passes) is accepted and
+    equals separate runs, while different rates are refused (test_train_many_rejects_bad_input)."""
+    models, streams = runs(mlp, 2, 12)
+    refs = [copy.deepcopy(m) for m in models]
+    losses = pipeprop.train_many(models, streams, F.cross_entropy, method="spectrain", lr=[0.1, 0.1], momentum=0.9)
+    for k in range(2):
+        ref_losses = pipeprop.train(refs[k], streams[k], F.cross_entropy, method="spectrain", lr=0.1, momentum=0.9)
+        torch.testing.assert_close(torch.tensor(losses[k], dtype=DT), torch.tensor(ref_losses, dtype=DT),
+                                   rtol=0, atol=1e-9)
+        for a, b in zip(models[k].parameters(), refs[k].parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
 def test_train_many_single_lr_and_stale_weights():
     """One shared lr; PB differs from SGD in the stacked simulation as in a single one."""
     models, streams = runs(mlp, 2, 10)

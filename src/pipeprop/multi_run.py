@@ -513,6 +513,8 @@ def build_multi_simulator(
                          "an optimizer whose update is elementwise and that sets supports_stacked_runs = True "
                          "(e.g. Adaptive Braking's cosine would mix the runs); train the runs with separate "
                          "pipeprop.train calls")
+    if isinstance(lrs, list) and not getattr(optimizer, "supports_per_run_lr", False) and len(set(lrs)) == 1:
+        lrs = lrs[0]  # one rate for every run (the simulator was built with it): no per-run vector needed
     if isinstance(lrs, list):
         if not getattr(optimizer, "supports_per_run_lr", False):
             raise ValueError(f"method {method!r} ({type(optimizer).__name__}) does not support one learning rate per "
