@@ -78,12 +78,9 @@ class _RunStackedGroupNorm(torch.autograd.Function):
             return t.movedim(dim, 0) if dim is not None else t.expand(k, *t.shape)
 
         xs = runs_first(x, in_dims[0])  # [K, N, C, ...]
-        n, c, rest = xs.shape[1], xs.shape[2], xs.shape[3:]
-        flat = xs.transpose(0, 1).reshape(n, k * c, *rest)
         w, b = runs_first(weight, in_dims[2]), runs_first(bias, in_dims[3])
-        out = F.group_norm(flat, k * num_groups, None if w is None else w.reshape(k * c),
-                           None if b is None else b.reshape(k * c), eps)
-        return out.reshape(n, k, c, *rest).transpose(0, 1), 0
+        out = _group_norm_of_runs(xs.reshape(-1, *xs.shape[2:]), k, num_groups, w, b, eps)
+        return out.view(xs.shape), 0
 
 
 def _stacked_group_norm_forward(self: nn.GroupNorm, x: Tensor) -> Tensor:
@@ -170,18 +167,24 @@ class _FoldedConv2d(_FoldedLayer):
         return _unfold_output(out, k, n)
 
 
+def _group_norm_of_runs(x: Tensor, k: int, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                        eps: float) -> Tensor:
+    """GroupNorm of K runs' folded ``[K*N, C, ...]`` with their stacked ``[K, C]`` affine parameters: one call with
+    the runs side by side in the channels and K times the groups (the groups never mix runs)."""
+    n = x.shape[0] // k
+    out = F.group_norm(_fold_input(x, k, n), k * num_groups, None if weight is None else weight.reshape(-1),
+                       None if bias is None else bias.reshape(-1), eps)
+    return _unfold_output(out, k, n)
+
+
 class _FoldedGroupNorm(_FoldedLayer):
     def __init__(self, norm: nn.GroupNorm, *args: Any) -> None:
         super().__init__(norm, *args)
         self.num_groups, self.eps = norm.num_groups, norm.eps
 
     def forward(self, x: Tensor) -> Tensor:
-        k = self.num_runs
-        n = x.shape[0] // k
-        w, b = self._param("weight"), self._param("bias")
-        out = F.group_norm(_fold_input(x, k, n), k * self.num_groups, None if w is None else w.reshape(-1),
-                           None if b is None else b.reshape(-1), self.eps)
-        return _unfold_output(out, k, n)
+        return _group_norm_of_runs(x, self.num_runs, self.num_groups, self._param("weight"), self._param("bias"),
+                                   self.eps)
 
 
 class _FoldedLinear(_FoldedLayer):
