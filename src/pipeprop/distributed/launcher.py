@@ -76,9 +76,9 @@ def run_distributed(
     setup = prepare(config, config.nproc, resumed_from=out if resume else None)
     claim_run_folder(out, config, resume=resume, overwrite=overwrite)
     if resume:
-        previous = out / "summary.json"
-        if previous.is_file() and json.loads(previous.read_text()).get("status") == "completed":
-            return json.loads(previous.read_text())
+        previous = _summary(out)
+        if previous is not None and previous.get("status") == "completed":
+            return previous
         verify_rank_checkpoints(out, config, config.nproc)
     write_run_config(setup, out)
     for stale in [out / "summary.json", *(out / "errors").glob("rank*.txt")]:
@@ -97,16 +97,23 @@ def run_distributed(
         raise DistributedRunError(f"the distributed run exceeded {timeout}s and was stopped", -1, _errors(out)) from err
     output = ((proc.stdout or "") + (proc.stderr or "")) if capture_output else ""
     summary_path = out / "summary.json"
-    if proc.returncode != 0 and summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "diverged":
-        return json.loads(summary_path.read_text())  # the last rank recorded the divergence; the others followed
+    summary = _summary(out)
+    if proc.returncode != 0 and summary is not None and summary.get("status") == "diverged":
+        return summary  # the last rank recorded the divergence; the others followed
     if proc.returncode != 0:
         errors = _errors(out)
         detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items())) or "see the output above"
         raise DistributedRunError(f"distributed run failed (torchrun exit {proc.returncode}): {detail}", proc.returncode,
                                   errors, output)
-    if not summary_path.is_file():
+    if summary is None:
         raise DistributedRunError(f"the run ended without writing {summary_path}", proc.returncode, _errors(out), output)
-    return json.loads(summary_path.read_text())
+    return summary
+
+
+def _summary(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The run folder's ``summary.json`` (None if there is none yet)."""
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def launch(nproc: int, config: Union[ExperimentConfig, Mapping[str, Any]], run_dir: Path | str, **kwargs: Any) -> dict[str, Any]:
