@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .files import CorruptDatasetError, DatasetNotFoundError, cache_dir as default_cache_dir, search_roots
+from .transfer import to_device
 
 __all__ = ["TextDataset", "SequenceStream", "load_tiny_shakespeare", "TINY_SHAKESPEARE_SHA256"]
 
@@ -138,9 +139,9 @@ class SequenceStream:
         offsets = torch.arange(self.context + 1)
         while self.position < self.steps:
             starts = torch.randint(0, len(self.data.train) - self.context, (self.batch_size,), generator=self.generator)
-            window = self.data.train[starts[:, None] + offsets]
+            window = to_device(self.data.train[starts[:, None] + offsets], self.device)  # one (pinned) copy
             self.position += 1
-            yield window[:, :-1].to(self.device), window[:, 1:].to(self.device)
+            yield window[:, :-1], window[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "generator": self.generator.get_state()}
