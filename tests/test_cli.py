@@ -205,3 +205,25 @@ def test_train_takes_a_non_sequential_model_as_module_function(tmp_path: Path, m
     summary = json.loads((run / "summary.json").read_text())
     # captured as a graph: one stage per Linear (the skip travels with the activations), not one stage
     assert summary["status"] == "completed" and summary["num_stages"] == 3 and summary["max_delay"] == 4
+
+
+def test_reproduce_with_two_names_batches_their_runs_and_writes_each_report(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    body = ('methods = ["pb"]\nseeds = [0]\n[model]\nmodel = "mlp"\nmodel_options = {{ hidden = 16 }}\n'
+            '[data]\ndataset = "digits"\ntest_subset = 100\n[recipe]\nbatch_size = 16\nlr = {lr}\nmomentum = 0.9\n'
+            'samples = 60\n[run]\neval_every = 30\n')
+    (configs / "tiny-a.toml").write_text('description = "a"\n' + body.format(lr=0.1))
+    (configs / "tiny-b.toml").write_text('description = "b"\n' + body.format(lr=0.2))
+    monkeypatch.setenv("PIPEPROP_CONFIGS", str(configs))
+    res = CliRunner().invoke(main, ["reproduce", "tiny-a", "tiny-b", "--batch-runs", "2", "--no-progress", "--out",
+                                    str(tmp_path / "out")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "2 runs batched" in res.output and "tiny-a" in res.output and "tiny-b" in res.output
+    for name, lr in (("tiny-a", 0.1), ("tiny-b", 0.2)):
+        assert (tmp_path / "out" / name / "results.md").is_file()
+        stored = json.loads((tmp_path / "out" / name / "pb" / "seed0" / "config.json").read_text())["config"]
+        assert (stored["name"], stored["lr"]) == (name, lr)
+    again = CliRunner().invoke(main, ["reproduce", "tiny-a", "tiny-a"])
+    assert again.exit_code != 0 and "named twice" in again.output

@@ -153,3 +153,27 @@ def test_default_leaves_groups_unbatched_where_batching_is_slower(tmp_path: Path
     lines.clear()
     run_sweep(cfg, tmp_path / "f", batch_runs=2, echo=lines.append)
     assert any("2 runs batched" in line for line in lines) and not any(line.startswith("notice:") for line in lines)
+
+
+def test_two_named_experiments_differing_in_lr_share_one_group(tmp_path: Path) -> None:
+    """`pipeprop reproduce A B`: runs of two experiments that differ only in name, description, lr and seed are
+    one batched group; each experiment keeps its folder and report, and each run equals the same run done alone."""
+    from pipeprop.experiments.compare import run_sweeps
+
+    first = tiny(name="grp-a", description="reference lr", methods=["pb+sc+lwp"], seeds=[0, 1])
+    second = tiny(name="grp-b", description="twice the lr", methods=["pb+sc+lwp"], seeds=[0, 1], lr=0.2)
+    said: list[str] = []
+    results = run_sweeps([(first, tmp_path / "a"), (second, tmp_path / "b")], batch_runs=4, echo=said.append)
+    assert any("4 runs batched" in line for line in said), said
+    for (summaries, paths), cfg, folder in zip(results, (first, second), ("a", "b")):
+        assert [s["status"] for s in summaries] == ["completed", "completed"]
+        assert paths["table"].parent == tmp_path / folder and cfg.name in paths["table"].read_text()
+        for seed in (0, 1):
+            run_dir = tmp_path / folder / "pb+sc+lwp" / f"seed{seed}"
+            stored = json.loads((run_dir / "config.json").read_text())["config"]
+            assert (stored["name"], stored["lr"], stored["seed"]) == (cfg.name, cfg.lr, seed)
+            alone = tmp_path / "alone" / folder / f"seed{seed}"
+            run_experiment(cfg.replace(method="pb+sc+lwp", seed=seed), alone)
+            a, b = final_state(run_dir), final_state(alone)
+            for name in a:
+                torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-9)

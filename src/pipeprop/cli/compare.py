@@ -35,13 +35,20 @@ def parse_seeds(text: Optional[str]) -> Optional[list[int]]:
 
 def run_and_print(cfg: Any, out: Path, methods: Optional[list[str]], seeds: Optional[list[int]], overwrite: bool,
                   batch_runs: Optional[int] = None) -> None:
-    from ..experiments.compare import run_sweep
+    run_and_print_many([(cfg, out)], methods, seeds, overwrite, batch_runs)
 
-    summaries, paths = run_sweep(cfg, out, methods=methods, seeds=seeds, overwrite=overwrite, batch_runs=batch_runs,
-                                 echo=lambda s: click.echo(s, err=True))
-    click.echo(paths["table"].read_text())
-    click.echo(f"table: {paths['table']}\nplot:  {paths['plot']}\ncsv:   {paths['csv']}", err=True)
-    if any(s.get("status") == "interrupted" for s in summaries):
+
+def run_and_print_many(sweeps: list[tuple[Any, Path]], methods: Optional[list[str]], seeds: Optional[list[int]],
+                       overwrite: bool, batch_runs: Optional[int] = None) -> None:
+    """Run the sweeps as one plan (:func:`~pipeprop.experiments.compare.run_sweeps`); print each one's table."""
+    from ..experiments.compare import run_sweeps
+
+    results = run_sweeps(sweeps, methods=methods, seeds=seeds, overwrite=overwrite, batch_runs=batch_runs,
+                         echo=lambda s: click.echo(s, err=True))
+    for summaries, paths in results:
+        click.echo(paths["table"].read_text())
+        click.echo(f"table: {paths['table']}\nplot:  {paths['plot']}\ncsv:   {paths['csv']}", err=True)
+    if any(s.get("status") == "interrupted" for summaries, _ in results for s in summaries):
         click.echo("interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
 

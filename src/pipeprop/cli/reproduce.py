@@ -8,7 +8,7 @@ from typing import Optional
 import click
 
 from ..experiments.cli_options import friendly_errors
-from .compare import BATCH_RUNS_HELP, parse_list, parse_seeds, run_and_print
+from .compare import BATCH_RUNS_HELP, parse_list, parse_seeds, run_and_print, run_and_print_many
 
 
 def _listing(scale: Optional[str], estimate: bool) -> None:
@@ -35,37 +35,50 @@ def _listing(scale: Optional[str], estimate: bool) -> None:
 
 
 @click.command()
-@click.argument("name", required=False)
+@click.argument("names", nargs=-1)
 @click.option("--list", "show_list", is_flag=True, help="list the named experiments with their estimated cost")
 @click.option("--scale", type=click.Choice(["paper", "budget"]), default=None, help="with --list: only this scale")
 @click.option("--no-estimate", is_flag=True, help="with --list: skip building models for the cost estimate")
 @click.option("--methods", default=None, help="override the config's methods (comma separated)")
 @click.option("--seeds", default=None, help="override the config's seeds (0,1,2 or 3x)")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override any config key")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="output folder (default: runs/reproduce/NAME)")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="output folder (default: runs/reproduce/NAME; with several names: OUT/NAME for each)")
 @click.option("--overwrite", is_flag=True, help="rerun runs that already finished")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @click.option("--batch-runs", type=click.IntRange(min=1), default=None, help=BATCH_RUNS_HELP)
 @friendly_errors
-def reproduce(name: Optional[str], show_list: bool, scale: Optional[str], no_estimate: bool, methods: Optional[str],
+def reproduce(names: tuple[str, ...], show_list: bool, scale: Optional[str], no_estimate: bool, methods: Optional[str],
               seeds: Optional[str], sets: tuple[str, ...], out: Optional[str], overwrite: bool, no_progress: bool,
               batch_runs: Optional[int]) -> None:
     """Reproduce one of the paper's experiments at paper scale (GPU) or budget scale (CPU).
+
+    Several NAMEs run as one plan: runs of different experiments that differ only in seed and learning
+    rate (e.g. a config and its larger-lr variant) are batched together; each experiment keeps its folder.
 
     \b
     pipeprop reproduce --list
     pipeprop reproduce cifar10-budget
     pipeprop reproduce cifar10-resnet20 --set device=cuda
+    pipeprop reproduce cifar10-resnet20-b1 cifar10-resnet20-b1-lr0.4 --methods pb --out runs/reproduce
     """
-    if show_list or not name:
+    if show_list or not names:
         if not show_list:
             click.echo("give an experiment NAME; the named experiments are:\n", err=True)
         _listing(scale, not no_estimate)
         return
     from ..experiments.cli_options import resolve_config
 
-    cfg = resolve_config(name, sets)
+    if len(set(names)) != len(names):
+        raise click.UsageError(f"an experiment is named twice in {' '.join(names)}")
+    configs = [resolve_config(name, sets) for name in names]
     if no_progress:
-        cfg = cfg.replace(progress=False)
-    run_and_print(cfg, Path(out) if out else Path("runs") / "reproduce" / cfg.name, parse_list(methods), parse_seeds(seeds), overwrite,
-                  batch_runs)
+        configs = [cfg.replace(progress=False) for cfg in configs]
+    if len(configs) == 1:
+        cfg = configs[0]
+        run_and_print(cfg, Path(out) if out else Path("runs") / "reproduce" / cfg.name, parse_list(methods),
+                      parse_seeds(seeds), overwrite, batch_runs)
+        return
+    root = Path(out) if out else Path("runs") / "reproduce"
+    run_and_print_many([(cfg, root / cfg.name) for cfg in configs], parse_list(methods), parse_seeds(seeds), overwrite,
+                       batch_runs)

@@ -12,7 +12,7 @@ from .report import load_run, write_report
 from .run_folder import check_run_folder
 from .runner import CHECKPOINT, run_experiment
 
-__all__ = ["run_sweep", "run_plan", "sweep_dirs", "headline", "DEFAULT_BATCH_RUNS"]
+__all__ = ["run_sweep", "run_sweeps", "run_plan", "sweep_dirs", "headline", "DEFAULT_BATCH_RUNS"]
 
 #: runs trained as one batched simulation by default (see docs/experiments.md, "Batched runs")
 DEFAULT_BATCH_RUNS = 8
@@ -55,15 +55,36 @@ def run_sweep(
     rule by model form and device) also runs one by one, with a notice; an explicit ``batch_runs`` batches
     it anyway. A run checkpointed in a group resumes in a group (and one checkpointed alone, alone).
     """
-    out_dir = Path(out_dir)
-    methods = list(methods or config.methods)
-    seeds = list(seeds if seeds is not None else config.seeds)
-    plan = sweep_dirs(config, out_dir, methods, seeds)
-    results = run_plan(plan, overwrite=overwrite, model_factory=model_factory, show_progress=show_progress,
-                       batch_runs=batch_runs, echo=echo)
-    runs = [load_run(d) for *_, d in plan if (d / "summary.json").is_file()]
-    paths = write_report(out_dir, runs, title=config.name)
-    return [s for s in results if s is not None], paths
+    return run_sweeps([(config, out_dir)], methods=methods, seeds=seeds, overwrite=overwrite,
+                      model_factory=model_factory, show_progress=show_progress, batch_runs=batch_runs, echo=echo)[0]
+
+
+def run_sweeps(
+    sweeps: Sequence[tuple[ExperimentConfig, Path | str]],
+    *,
+    methods: Optional[Sequence[str]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    overwrite: bool = False,
+    model_factory: Optional[Callable[..., Any]] = None,
+    show_progress: Optional[bool] = None,
+    batch_runs: Optional[int] = None,
+    echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> list[tuple[list[dict[str, Any]], dict[str, Path]]]:
+    """:func:`run_sweep` for several experiments ``(config, out_dir)`` as one plan: runs of different
+    experiments that differ only in seed and learning rate (e.g. a config and its larger-lr variant) are
+    batched together. Returns each experiment's summaries and report files, in order."""
+    plans = [sweep_dirs(cfg, Path(out), list(methods or cfg.methods), list(seeds if seeds is not None else cfg.seeds))
+             for cfg, out in sweeps]
+    results = run_plan([item for plan in plans for item in plan], overwrite=overwrite, model_factory=model_factory,
+                       show_progress=show_progress, batch_runs=batch_runs, echo=echo)
+    out: list[tuple[list[dict[str, Any]], dict[str, Path]]] = []
+    start = 0
+    for (cfg, out_dir), plan in zip(sweeps, plans):
+        mine = results[start : start + len(plan)]
+        start += len(plan)
+        runs = [load_run(d) for *_, d in plan if (d / "summary.json").is_file()]
+        out.append(([s for s in mine if s is not None], write_report(Path(out_dir), runs, title=cfg.name)))
+    return out
 
 
 def run_plan(

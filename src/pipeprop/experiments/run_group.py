@@ -33,11 +33,16 @@ __all__ = ["RunGroup", "group_key", "why_not_batched", "is_batched_checkpoint"]
 #: config keys in which the runs of one group may differ
 PER_RUN_KEYS = ("seed", "lr")
 
+#: config keys that describe the experiment a run belongs to, not its training: runs of two named
+#: experiments that differ only in these (and in seed and lr) may share a group
+LABEL_KEYS = ("name", "description", "scale", "methods", "seeds", "est_sample_seconds", "progress")
+
 
 def group_key(config: ExperimentConfig) -> str:
-    """Runs with equal keys can be trained as one group (they differ at most in seed and learning rate)."""
+    """Runs with equal keys can be trained as one group (they differ at most in seed and learning rate, and in
+    the labels of the experiment they belong to)."""
     d = config.to_dict()
-    for k in PER_RUN_KEYS + ("progress",):
+    for k in PER_RUN_KEYS + LABEL_KEYS:
         d.pop(k, None)
     return json.dumps(d, sort_keys=True, default=str)
 
