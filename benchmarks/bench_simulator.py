@@ -85,16 +85,25 @@ def chunks(data: list, size: int):
 
 
 def compare(make: Callable[[], nn.Module], data: list, method: str, steps: int, rounds: int,
-            lr: float = 1e-3, momentum: float = 0.9) -> dict:
-    """Plain PyTorch vs ``PipelineSimulator`` on the same model and data, ``steps`` steps per round each."""
+            lr: float = 1e-3, momentum: float = 0.9, engine: str = "simulator") -> dict:
+    """Plain PyTorch vs pipeprop on the same model and data, ``steps`` micro-batches per round each.
+
+    ``engine="simulator"``: ``PipelineSimulator.step``; ``engine="tick"``: ``TickPipeline.feed`` in steady
+    state (the pipeline full, one tick per micro-batch; losses read in blocks).
+    """
     torch.manual_seed(1)
     plain = PlainLoop(make(), lr, momentum)
     torch.manual_seed(1)
-    sim = pipeprop.build_simulator(make(), F.cross_entropy, method=method, lr=lr, momentum=momentum)
+    if engine == "tick":
+        sim = pipeprop.build_tick_pipeline(make(), F.cross_entropy, method=method, lr=lr, momentum=momentum)
+        step = sim.feed
+    else:
+        sim = pipeprop.build_simulator(make(), F.cross_entropy, method=method, lr=lr, momentum=momentum)
+        step = sim.step
     feed_a, feed_b = chunks(data, steps), chunks(data, steps)
-    for x, y in data[: min(20, len(data))]:  # warm-up: allocator, caches, ring filled
+    for x, y in data[: max(20, 2 * len(sim.stages))]:  # warm-up: allocator, caches, ring or pipeline filled
         plain.step(x, y)
-        sim.step(x, y)
+        step(x, y)
 
     def run_plain() -> None:
         for x, y in next(feed_a):
@@ -102,12 +111,13 @@ def compare(make: Callable[[], nn.Module], data: list, method: str, steps: int, 
 
     def run_sim() -> None:
         for x, y in next(feed_b):
-            sim.step(x, y)
+            step(x, y)
 
     a, b = interleaved(run_plain, run_sim, rounds)
     p, s, ratio = summary(a, b)
+    versions = sim.weight_version_bytes() / 2**20 if engine == "simulator" else 0.0
     return dict(plain_ms=1e3 * p / steps, sim_ms=1e3 * s / steps, ratio=ratio, stages=len(sim.stages),
-                versions_mib=sim.weight_version_bytes() / 2**20)
+                versions_mib=versions)
 
 
 def main() -> None:

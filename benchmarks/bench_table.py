@@ -7,6 +7,8 @@ ratio is the median over rounds of the per-round ratio):
 
 * ``mlp pb`` / ``mlp pb+sc+lwp``: 8 linear layers of width 256 (3x16x16 inputs), ``PipelineSimulator.step``
   time / plain PyTorch SGD step time (``model(x)``, ``backward``, ``torch.optim.SGD.step``, ``loss.item()``);
+* ``... tick``: the same with the tick engine (``TickPipeline.feed`` in steady state, ``pipeprop.train(...,
+  engine="tick")``) in place of ``PipelineSimulator.step``;
 * ``resnet20-gn pb``: the same for ResNet-20 with GroupNorm on 3x32x32 inputs (20 stages);
 * ``resnet20-gn x K`` (K = 2, 4, 8 by default, ``--k``): K runs of ResNet-20-GN (own seeds, data and
   learning rates) with ``pipeprop.train_many`` vs the same K runs one after the other with
@@ -114,11 +116,13 @@ def main() -> None:
     torch.manual_seed(0)
     small = [(torch.randn(1, 3, 16, 16), torch.randint(0, 10, (1,))) for _ in range(500)]
     for method in ("pb", "pb+sc+lwp"):
-        r = compare(mlp, small, method, steps=50, rounds=args.rounds)
-        row(f"mlp 8x256 {method} / plain", f"{r['plain_ms']:.3f} ms", f"{r['sim_ms']:.3f} ms", r["ratio"])
+        for engine, tag in (("simulator", ""), ("tick", " tick")):
+            r = compare(mlp, small, method, steps=50, rounds=args.rounds, engine=engine)
+            row(f"mlp 8x256 {method}{tag} / plain", f"{r['plain_ms']:.3f} ms", f"{r['sim_ms']:.3f} ms", r["ratio"])
     images = [(torch.randn(1, 3, 32, 32), torch.randint(0, 10, (1,))) for _ in range(100)]
-    r = compare(resnet20, images, "pb", steps=10, rounds=args.rounds)
-    row("resnet20-gn pb / plain", f"{r['plain_ms']:.2f} ms", f"{r['sim_ms']:.2f} ms", r["ratio"])
+    for engine, tag in (("simulator", ""), ("tick", " tick")):
+        r = compare(resnet20, images, "pb", steps=10, rounds=args.rounds, engine=engine)
+        row(f"resnet20-gn pb{tag} / plain", f"{r['plain_ms']:.2f} ms", f"{r['sim_ms']:.2f} ms", r["ratio"])
     for k in args.k:
         r = many_runs(k, steps=4, rounds=max(3, args.rounds // 2), method=args.many_method)
         row(f"resnet20-gn x{k} {args.many_method} train_many", f"{r['separate']:.1f} r-s/s", f"{r['many']:.1f} r-s/s",

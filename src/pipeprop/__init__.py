@@ -15,6 +15,7 @@ from .partition import Partition, Stage, partition
 from .regime_warnings import LWPRegimeWarning
 from .schedule import stage_delay, stage_delays
 from .simulator import DivergenceError, PipelineSimulator
+from .tick_engine import TickPipeline, build_tick_pipeline
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,8 @@ __all__ = [
     "train_many",
     "build_simulator",
     "build_multi_simulator",
+    "build_tick_pipeline",
+    "TickPipeline",
     "stage_param_groups",
     "Method",
     "available_methods",

@@ -119,6 +119,7 @@ def train(
     precision: str = "32",
     split_points: Optional[Sequence[str]] = None,
     compile: bool | str = False,
+    engine: str = "simulator",
     **options: Any,
 ) -> list[float]:
     """Train ``model`` in place with Pipelined Backpropagation; returns the loss of every step.
@@ -133,9 +134,28 @@ def train(
     first micro-batch (all micro-batches must have its shape). With ``loss_fn=None`` the model computes its
     own loss: the target is passed to it (as ``labels=`` when its forward takes that, else as the second
     argument) and it returns the loss (a scalar, a tuple ending with it, or an object with ``.loss``).
+
+    ``engine="tick"`` runs the pipeline tick by tick on live weights (:class:`pipeprop.TickPipeline`: the
+    same numbers, faster where the weights dominate the memory traffic, e.g. wide MLPs) for an
+    ``nn.Sequential`` of ``Conv2d``/``Linear``/``GroupNorm`` and per-sample layers, in the model's dtype, with
+    methods whose backward reads the live weights; it refuses anything else, naming why. A NaN/inf loss is
+    then found up to 256 micro-batches after it happened.
     """
     get_method(method)  # bad names fail before any data is read
     check_precision(precision)
+    if engine not in ("simulator", "tick"):
+        raise ValueError(f"unknown engine {engine!r}; choose 'simulator' or 'tick'")
+    if engine == "tick":
+        unsupported = {"precision": precision != "32", "delay_offset": delay_offset != 0, "compile": bool(compile),
+                       "split_points": split_points is not None, "loss_fn=None": loss_fn is None}
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ValueError(f"engine='tick' does not support {', '.join(bad)}; use the default engine='simulator'")
+        from .tick_engine import build_tick_pipeline
+
+        pipe = build_tick_pipeline(model, loss_fn, method=method, optimizer=optimizer, lr=lr, momentum=momentum,
+                                   betas=betas, eps=eps, weight_decay=weight_decay, partition=partition, **options)
+        return pipe.run(batches)
     batches = iter(batches)
     first = next(batches, None)
     if first is None:

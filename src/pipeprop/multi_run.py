@@ -32,7 +32,8 @@ from .data.transfer import to_device
 from .partition import Granularity, Partition, partition as make_partition
 from .simulator import PipelineSimulator
 
-__all__ = ["StackedStage", "MultiRunSimulator", "build_multi_simulator", "train_many", "min_runs_to_batch"]
+__all__ = ["StackedStage", "MultiRunSimulator", "build_multi_simulator", "train_many", "min_runs_to_batch",
+           "is_plain_layer"]
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -214,6 +215,13 @@ def _folded_form(module: nn.Module) -> Optional[type]:
     if t in _PER_SAMPLE_LAYERS or t in _per_sample_blocks():
         return _PER_SAMPLE if not any(True for _ in module.parameters(recurse=False)) else None
     return None
+
+
+def is_plain_layer(module: nn.Module) -> bool:
+    """Whether ``module`` (not its children) is a ``Conv2d`` (zero padding), ``Linear`` or ``GroupNorm`` with torch's
+    own forward, or a parameter-free per-sample layer, without hooks: a layer that saves only its input,
+    output and its parameters themselves (or views of them) for the backward."""
+    return _folded_form(module) is not None
 
 
 class _PerSample:  # marker
