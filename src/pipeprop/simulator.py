@@ -107,6 +107,20 @@ def _check_finite(loss: Tensor, step: int) -> None:
         raise DivergenceError(step, float(loss.reshape(-1)[run]), run=run)
 
 
+def read_losses(pending: list[Tensor], losses: list[float], check_finite: bool) -> None:
+    """Move the scalar loss tensors of ``pending`` (micro-batches ``len(losses), ...``) to ``losses`` in one host
+    read and empty ``pending``; with ``check_finite`` raise :class:`DivergenceError` at the first NaN/inf one,
+    keeping only the losses before it (the engines that read in blocks: distributed, tick)."""
+    if not pending:
+        return
+    values = torch.stack(pending).tolist()
+    pending.clear()
+    for value in values:
+        if check_finite and not math.isfinite(value):
+            raise DivergenceError(len(losses), value)
+        losses.append(value)
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, Tensor):
         return f"tensor of shape {tuple(x.shape)} ({x.dtype})"

@@ -28,7 +28,6 @@ or the simulator for resumable runs.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 from .methods import get_method
 from .optim.base import PipelineOptimizer
 from .partition import Granularity, partition as make_partition
-from .simulator import DivergenceError
+from .simulator import read_losses
 
 __all__ = ["TickPipeline", "build_tick_pipeline", "why_not_tick"]
 
@@ -201,14 +200,7 @@ class TickPipeline:
             self._read_losses()
 
     def _read_losses(self) -> None:
-        if not self._pending:
-            return
-        values = torch.stack(self._pending).tolist()
-        self._pending = []
-        for value in values:
-            if self.check_finite and not math.isfinite(value):
-                raise DivergenceError(len(self.losses), value)
-            self.losses.append(value)
+        read_losses(self._pending, self.losses, self.check_finite)
 
 
 def build_tick_pipeline(

@@ -16,7 +16,6 @@ recomputed on resume, so a resumed run equals an uninterrupted one.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from ..optim.base import PipelineOptimizer
 from ..schedule import backward_microbatch, forward_microbatch, num_steps, stage_delay
-from ..simulator import WEIGHT_MODES, DivergenceError
+from ..simulator import WEIGHT_MODES, read_losses
 from .comm import Inbox, Outbox, Payload, PipelineComm
 from .stage import PipelineStage, as_input, detached, to_device
 
@@ -334,16 +333,7 @@ class DistributedPipeline:
             self._pre_err[n] = inbox_err.get(f"of micro-batch {n} (step {t}, at a checkpoint)")
 
     def _read_losses(self) -> None:
-        """Move the pending losses to :attr:`losses` in one host read; raise :class:`DivergenceError` at the
-        first non-finite one (with ``check_finite``), keeping only the losses before it."""
-        if not self._pending:
-            return
-        values = torch.stack(self._pending).tolist()
-        self._pending = []
-        for value in values:
-            if self.check_finite and not math.isfinite(value):
-                raise DivergenceError(len(self.losses), value)
-            self.losses.append(value)
+        read_losses(self._pending, self.losses, self.check_finite)
 
     # ------------------------------------------------------------------ the run
     def run(
