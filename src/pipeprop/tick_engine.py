@@ -174,11 +174,12 @@ class TickPipeline:
         for key in done:  # backward of micro-batch t - 2(S-1) + s
             out, err = self._roots.pop(key), self._errors.pop(key, None)
             if isinstance(out, Tensor):
-                tensors.append(out)
-                grads.append(err)
+                if out.requires_grad:  # (not when nothing before the output has weights)
+                    tensors.append(out)
+                    grads.append(err)
             else:  # a tuple between stages (a residual block's (h, skip)): the parts that carry a gradient
                 for o, e in zip(out, err):
-                    if e is not None:
+                    if e is not None and isinstance(o, Tensor) and o.requires_grad:
                         tensors.append(o)
                         grads.append(e)
         for p in self._flat_params:
