@@ -107,18 +107,19 @@ def _check_finite(loss: Tensor, step: int) -> None:
         raise DivergenceError(step, float(loss.reshape(-1)[run]), run=run)
 
 
-def read_losses(pending: list[Tensor], losses: list[float], check_finite: bool) -> None:
-    """Move the scalar loss tensors of ``pending`` (micro-batches ``len(losses), ...``) to ``losses`` in one host
-    read and empty ``pending``; with ``check_finite`` raise :class:`DivergenceError` at the first NaN/inf one,
-    keeping only the losses before it (the engines that read in blocks: distributed, tick)."""
+def read_pending(pending: list[Tensor], values: list, *, check_finite: bool = False) -> None:
+    """Move the scalar tensors of ``pending`` (one per micro-batch, ``len(values), ...``) to ``values`` in one host
+    read and empty ``pending`` (the engines that read losses and counts in blocks: distributed, tick). With
+    ``check_finite`` (losses) raise :class:`DivergenceError` at the first NaN/inf one, keeping only those
+    before it."""
     if not pending:
         return
-    values = torch.stack(pending).tolist()
+    read = torch.stack(pending).tolist()
     pending.clear()
-    for value in values:
+    for value in read:
         if check_finite and not math.isfinite(value):
-            raise DivergenceError(len(losses), value)
-        losses.append(value)
+            raise DivergenceError(len(values), value)
+        values.append(value)
 
 
 def _describe(x: Any) -> str:

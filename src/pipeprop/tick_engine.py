@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .methods import get_method
 from .optim.base import PipelineOptimizer
 from .partition import Granularity, partition as make_partition
-from .simulator import read_losses
+from .simulator import read_pending
 
 __all__ = ["TickPipeline", "build_tick_pipeline", "why_not_tick"]
 
@@ -201,7 +201,7 @@ class TickPipeline:
             self._read_losses()
 
     def _read_losses(self) -> None:
-        read_losses(self._pending, self.losses, self.check_finite)
+        read_pending(self._pending, self.losses, check_finite=self.check_finite)
 
 
 def build_tick_pipeline(
@@ -226,9 +226,6 @@ def build_tick_pipeline(
 
     spec = get_method(method)
     part = make_partition(model, partition)
-    reason = why_not_tick(part.stages, method)
-    if reason:
-        raise ValueError(f"the tick engine cannot run this: {reason}")
     groups = [{"params": [p.data for p in st.parameters()], "delay": int(d)} for st, d in zip(part.stages, part.delays)]
     opt = spec.build_optimizer(groups, optimizer=optimizer, lr=lr, momentum=momentum, betas=betas, eps=eps,
                                weight_decay=weight_decay, **options)

@@ -8,7 +8,7 @@ from typing import Optional
 import click
 
 from ..experiments.cli_options import friendly_errors
-from .compare import BATCH_RUNS_HELP, parse_list, parse_seeds, run_and_print, run_and_print_many
+from .compare import BATCH_RUNS_HELP, parse_list, parse_seeds, run_and_print_many
 
 
 def _listing(scale: Optional[str], estimate: bool) -> None:
@@ -74,11 +74,6 @@ def reproduce(names: tuple[str, ...], show_list: bool, scale: Optional[str], no_
     configs = [resolve_config(name, sets) for name in names]
     if no_progress:
         configs = [cfg.replace(progress=False) for cfg in configs]
-    if len(configs) == 1:
-        cfg = configs[0]
-        run_and_print(cfg, Path(out) if out else Path("runs") / "reproduce" / cfg.name, parse_list(methods),
-                      parse_seeds(seeds), overwrite, batch_runs)
-        return
     root = Path(out) if out else Path("runs") / "reproduce"
-    run_and_print_many([(cfg, root / cfg.name) for cfg in configs], parse_list(methods), parse_seeds(seeds), overwrite,
-                       batch_runs)
+    dirs = [Path(out)] if out and len(configs) == 1 else [root / cfg.name for cfg in configs]
+    run_and_print_many(list(zip(configs, dirs)), parse_list(methods), parse_seeds(seeds), overwrite, batch_runs)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..optim.base import PipelineOptimizer
 from ..schedule import backward_microbatch, forward_microbatch, num_steps, stage_delay
-from ..simulator import WEIGHT_MODES, read_losses
+from ..simulator import WEIGHT_MODES, read_pending
 from .comm import Inbox, Outbox, Payload, PipelineComm
 from .stage import PipelineStage, as_input, detached, to_device
 
@@ -333,7 +333,7 @@ class DistributedPipeline:
             self._pre_err[n] = inbox_err.get(f"of micro-batch {n} (step {t}, at a checkpoint)")
 
     def _read_losses(self) -> None:
-        read_losses(self._pending, self.losses, self.check_finite)
+        read_pending(self._pending, self.losses, check_finite=self.check_finite)
 
     # ------------------------------------------------------------------ the run
     def run(

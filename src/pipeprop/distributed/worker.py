@@ -196,9 +196,9 @@ class _CountingLoss:
 
     def counts(self, limit: Optional[int] = None) -> list[int]:
         """The correct counts of the micro-batches so far (the first ``limit`` of them)."""
-        if self._pending:
-            self._read.extend(int(v) for v in torch.stack(self._pending).tolist())
-            self._pending = []
+        from ..simulator import read_pending
+
+        read_pending(self._pending, self._read)
         return list(self._read if limit is None else self._read[:limit])
 
     def restore(self, counts: list[int]) -> None:
