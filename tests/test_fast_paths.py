@@ -40,7 +40,7 @@ def test_all_stages_update_equals_per_stage_reference(method, options, monkeypat
     calls = []
     original = PipelineSGD._step_stages_together
     monkeypatch.setattr(PipelineSGD, "_step_stages_together",
-                        lambda self, stages: (calls.append(1), original(self, stages))[1])
+                        lambda self, *a: (calls.append(1), original(self, *a))[1])
     options = {"momentum": 0.9, **options}
     fast, ref = mlp(), None
     ref = copy.deepcopy(fast)
@@ -80,6 +80,36 @@ def test_fast_path_in_place_update_equals_reference():
         results.append([p.detach().clone() for p in ps])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", [{}, {"spike_compensation": True}, {"weight_prediction": True},
+                                     {"spike_compensation": True, "weight_decay": 1e-2}])
+def test_fused_in_place_update_equals_reference(dtype, options, monkeypatch):
+    """In place (no weight ring) the heavy-ball step of tensors of 64k elements runs as torch's fused SGD kernel;
+    every tensor, fused or not (sizes 7 and 100 stay with the separate operations), ends bit-equal to the
+    per-stage reference, momentum buffers included, with different momenta and learning rates per stage."""
+    calls = []
+    fused = torch._fused_sgd_
+    monkeypatch.setattr(torch, "_fused_sgd_", lambda *a, **k: (calls.append(len(a[0])), fused(*a, **k))[1])
+    torch.manual_seed(0)
+    shapes = [(8, 16), (7,), (3, 64), (100,), (64, 2)]
+    ws = [torch.randn(s, dtype=dtype) for s in shapes]
+    results = []
+    for flag in (True, False):
+        ps = [nn.Parameter(w.clone()) for w in ws]
+        groups = [{"params": ps[:2], "delay": 6}, {"params": ps[2:4], "delay": 2, "lr": 0.2, "momentum": 0.8},
+                  {"params": ps[4:], "delay": 0}]
+        opt = PipelineSGD(groups, lr=0.1, momentum=0.9, foreach_stages=flag, **options)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            for p in ps:
+                p.grad = torch.randn(p.shape, dtype=dtype, generator=gen)
+            opt.step()
+        results.append([p.detach().clone() for p in ps] + [opt.state[p]["momentum_buffer"].clone() for p in ps])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert bool(calls) == ("weight_decay" not in options)  # (coupled weight decay keeps the separate operations)
 
 
 def test_lazy_loss_needs_no_host_sync():

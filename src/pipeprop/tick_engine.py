@@ -11,8 +11,9 @@ the forward of micro-batch ``t - s`` and the backward of micro-batch ``t - 2(S-1
   parameters or the views of them that autograd saved: PB's semantics, with no ring and no hooks;
 * the backwards of a tick are independent (each stage's error arrived in the previous tick) and run as one
   ``torch.autograd.backward`` call;
-* under LWP the prediction is written into the live storage for the tick's forwards and the live weights
-  are copied back after them, so a later backward again reads the live weights.
+* under LWP a predicting stage's optimizer updates its own copy of the live weights: the prediction is
+  written from it into the parameters for the tick's forwards and the live weights are copied over it
+  after them, so a later backward again reads the live weights (two passes over those weights per tick).
 
 The result equals the simulator bit for bit (``tests/test_tick_engine.py``, float64 and float32). It is
 faster where the weights dominate the memory traffic (an 8-layer MLP of width 256: 1.1-1.2x plain
@@ -24,6 +25,9 @@ standardisation, would have it read stale in the backward), no weight read by tw
 methods whose backward reads the live weights (not stashing, SpecTrain or PipeMare), the model's own
 dtype (no autocast). There are no checkpoints: use :func:`pipeprop.train` with it (``engine="tick"``),
 or the simulator for resumable runs.
+
+The backward of a tick calls autograd's engine directly (``torch.autograd.backward`` less its Python checks
+of the gradients' shapes, which cost tens of microseconds per tick: the gradients here are autograd's own).
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ from .optim.base import PipelineOptimizer
 from .partition import Granularity, partition as make_partition
 from .simulator import read_pending
 
+try:  # what torch.autograd.backward runs once it has checked its arguments
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover
+    _engine_run_backward = None
+
 __all__ = ["TickPipeline", "build_tick_pipeline", "why_not_tick"]
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -48,6 +57,16 @@ def _detached_leaves(out: Any) -> Any:
     if isinstance(out, Tensor):
         return out.detach().requires_grad_(out.is_floating_point())
     return tuple(o.detach().requires_grad_(o.is_floating_point()) if isinstance(o, Tensor) else o for o in out)
+
+
+def _run_backward(tensors: list[Tensor], grads: list[Tensor]) -> None:
+    """``torch.autograd.backward(tensors, grads)`` without its Python validation of ``grads`` (each has its
+    tensor's shape, dtype and device: they are autograd's own gradients, or ones for the loss)."""
+    if _engine_run_backward is None:  # (a torch without the internal entry point)
+        torch.autograd.backward(tensors, grads)
+    else:
+        _engine_run_backward(tuple(tensors), tuple(grads), False, False, (), allow_unreachable=True,
+                             accumulate_grad=True)
 
 
 def why_not_tick(stages: Sequence[nn.Module], method: str) -> Optional[str]:
@@ -99,13 +118,16 @@ class TickPipeline:
             raise ValueError(f"read_every must be >= 1, got {read_every}")
         self.params = [list(st.parameters()) for st in self.stages]
         aliases = [list(g["params"]) for g in optimizer.param_groups]
+        predicting = [optimizer.predicts_forward_weights and not optimizer.forward_uses_live_weights(g)
+                      for g in optimizer.param_groups]
         if len(aliases) != len(self.stages) or any(
-            len(a) != len(p) or any(x.data_ptr() != y.data_ptr() or x.shape != y.shape or x.requires_grad
+            len(a) != len(p) or any((x.data_ptr() == y.data_ptr()) == pred or x.shape != y.shape or x.requires_grad
                                     for x, y in zip(a, p))
-            for a, p in zip(aliases, self.params)
+            for a, p, pred in zip(aliases, self.params, predicting)
         ):
-            raise ValueError("the optimizer must hold the .data aliases of the stages' parameters, one group per "
-                             "stage: build the pipeline with pipeprop.build_tick_pipeline")
+            raise ValueError("the optimizer must hold, one group per stage, the .data aliases of the stages' "
+                             "parameters, and for a stage that predicts its forward weights a copy of them: build "
+                             "the pipeline with pipeprop.build_tick_pipeline")
         S = len(self.stages)
         for s, g in enumerate(optimizer.param_groups):
             if optimizer.stage_delay(g) != 2 * (S - 1 - s):
@@ -115,10 +137,11 @@ class TickPipeline:
         self.check_finite, self.read_every = check_finite, read_every
         self._flat_params = [p for ps in self.params for p in ps]
         self._flat_aliases = [a for al in aliases for a in al]
-        self._predicting = [(g, list(g["params"])) for g in optimizer.param_groups
-                            if optimizer.predicts_forward_weights and not optimizer.forward_uses_live_weights(g)]
-        self._predicted = [a for _, al in self._predicting for a in al]
-        self._backup = [torch.empty_like(a) for a in self._predicted]
+        # a predicting stage: its parameters (what the forwards read) take the prediction from the live copy
+        self._predicting = [(g, [p.data for p in ps]) for g, ps, pred in
+                            zip(optimizer.param_groups, self.params, predicting) if pred]
+        self._forward_weights = [f for _, fs in self._predicting for f in fs]
+        self._live_weights = [a for al, pred in zip(aliases, predicting) if pred for a in al]
         self.ticks = 0
         self.fed = 0
         self.losses: list[float] = []
@@ -136,12 +159,16 @@ class TickPipeline:
         self._tick()
 
     def drain(self) -> list[float]:
-        """Run the ticks that finish every micro-batch fed so far; returns :attr:`losses`."""
+        """Run the ticks that finish every micro-batch fed so far; returns :attr:`losses`. The stages'
+        parameters then hold the live weights (between :meth:`feed` calls a predicting stage's parameters are
+        one update behind: its live weights are the optimizer's)."""
         while self.ticks < self.fed + 2 * (len(self.stages) - 1):
             self._tick()
         self._read_losses()
         for p in self._flat_params:
             p.grad = None
+        if self._predicting:
+            torch._foreach_copy_(self._forward_weights, self._live_weights)
         return self.losses
 
     def run(self, batches: Iterable[tuple[Any, Any]]) -> list[float]:
@@ -152,9 +179,8 @@ class TickPipeline:
 
     def _tick(self) -> None:
         S, t, M = len(self.stages), self.ticks, self.fed
-        if self._predicting:  # the forwards read the predictions, written into the live storage ...
-            torch._foreach_copy_(self._backup, self._predicted)
-            self.optimizer.forward_weights_into(self._predicting)  # (elementwise: safe on its own input)
+        if self._predicting:  # the forwards read the predictions, written from the live copies ...
+            self.optimizer.forward_weights_into(self._predicting)
         for s in range(max(0, t - M + 1), min(S, t + 1)):  # forward of micro-batch t - s
             n = t - s
             # (a stage's input leaves stay in _inputs until its backward: their .grad is the error to send back)
@@ -162,30 +188,34 @@ class TickPipeline:
             out = self.stages[s](x)
             if s == S - 1:
                 out = self.loss_fn(out, self._batches.pop(n)[1])
+                if out.numel() != 1:
+                    raise ValueError(f"loss_fn returned a tensor of shape {tuple(out.shape)}; it must return one "
+                                     "number per micro-batch (reduce it, e.g. reduction='mean')")
                 self._pending.append(out.detach())
             else:
                 self._inputs[(s + 1, n)] = _detached_leaves(out)
             self._roots[(s, n)] = out
-        if self._predicting:  # ... and the backwards the live weights, copied back
-            torch._foreach_copy_(self._predicted, self._backup)
+        if self._predicting:  # ... and the backwards the live weights, copied over them
+            torch._foreach_copy_(self._forward_weights, self._live_weights)
         tensors: list[Tensor] = []
-        grads: list[Optional[Tensor]] = []
+        grads: list[Tensor] = []
         done = [(s, t - 2 * (S - 1) + s) for s in range(S) if 0 <= t - 2 * (S - 1) + s < M]
         for key in done:  # backward of micro-batch t - 2(S-1) + s
             out, err = self._roots.pop(key), self._errors.pop(key, None)
-            if isinstance(out, Tensor):
-                if out.requires_grad:  # (not when nothing before the output has weights)
+            if key[0] == S - 1:  # the loss
+                if out.requires_grad:  # (not when nothing before it has weights)
                     tensors.append(out)
-                    grads.append(err)
-            else:  # a tuple between stages (a residual block's (h, skip)): the parts that carry a gradient
-                for o, e in zip(out, err):
-                    if e is not None and isinstance(o, Tensor) and o.requires_grad:
-                        tensors.append(o)
-                        grads.append(e)
+                    grads.append(torch.ones_like(out))
+                continue
+            for o, e in ((out, err),) if isinstance(out, Tensor) else zip(out, err):
+                # (a tuple between stages, a residual block's (h, skip): the parts that carry a gradient)
+                if e is not None and isinstance(o, Tensor) and o.requires_grad:
+                    tensors.append(o)
+                    grads.append(e)
         for p in self._flat_params:
             p.grad = None
         if tensors:
-            torch.autograd.backward(tensors, grads)
+            _run_backward(tensors, grads)
         for s, n in done:
             if s > 0:
                 x = self._inputs.pop((s, n))
@@ -230,4 +260,8 @@ def build_tick_pipeline(
     opt = spec.build_optimizer(groups, optimizer=optimizer, lr=lr, momentum=momentum, betas=betas, eps=eps,
                                weight_decay=weight_decay, **options)
     warn_if_lwp_overshoots(opt.param_groups)
+    if opt.predicts_forward_weights:  # a predicting stage's optimizer updates its own copy of the live weights
+        for g in opt.param_groups:  # (before the first step: there is no state to move yet)
+            if not opt.forward_uses_live_weights(g):
+                g["params"] = [a.clone() for a in g["params"]]
     return TickPipeline(part.stages, opt, loss_fn, method=method, check_finite=check_finite, read_every=read_every)

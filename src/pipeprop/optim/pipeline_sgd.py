@@ -24,7 +24,7 @@ With ``D = 0`` SC and LWP reduce to plain SGD with momentum (``a = 1, b = 0``; `
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -230,7 +230,7 @@ class PipelineSGD(PipelineOptimizer):
             if params:
                 stages.append((group, params, self._group_lr(group)))
         if self.foreach_stages and self._can_step_stages_together(stages):
-            self._step_stages_together(stages)
+            self._step_stages_together(stages, self._plan)
         else:
             for group, params, lr in stages:
                 self._step_stage(group, params, lr)
@@ -289,50 +289,69 @@ class PipelineSGD(PipelineOptimizer):
         return [("v", 1.0)]
 
     # ------------------------------------------------------------------ the fast path: all stages at once
+    _plan: Optional["_StagesPlan"] = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # (load_state_dict: new state, so a new plan)
+        super().__setstate__(state)
+        self._plan = None
+
     def _can_step_stages_together(self, stages: list[tuple[dict[str, Any], list[Tensor], Any]]) -> bool:
+        """Whether :meth:`_step_stages_together` can run ``stages``; makes :attr:`_plan` current when it can.
+        The checks run only when the plan has to be made anew (see :meth:`_plan_key`)."""
         if len(stages) < 2 or type(self)._process_grads is not PipelineSGD._process_grads:
             return False
-        for group, params, lr in stages:
+        for group, _, lr in stages:  # (before the key: a learning rate per run is a tensor)
             if isinstance(lr, Tensor) or (group["weight_prediction"] and group["lwp_source"] == "update"):
                 return False
+        key = self._plan_key(stages)
+        if self._plan is not None and self._plan.key == key:
+            return True
+        for group, params, _ in stages:
             if self._keeps_velocity(group) and any("momentum_buffer" not in self.state[p] for p in params):
                 return False  # the first step creates the buffers: reference path
+        self._plan = _StagesPlan(key, stages, self._term_coefficients, self._keeps_velocity, fuse=key[0])
         return True
 
-    def _stages_plan(self, stages: list[tuple[dict[str, Any], list[Tensor], Any]]) -> "_StagesPlan":
-        """The index lists and coefficients of :meth:`_step_stages_together`, rebuilt only when the stages, their
-        parameters with gradients or their coefficients (learning rate, momentum, SC, weight decay) change."""
-        sig = []
-        for group, ps, lr in stages:
-            keep = self._keeps_velocity(group)
-            dwd = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
-            cwd = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
-            sig.append((id(group), lr, group["momentum"] if keep else None, cwd, dwd,
-                        tuple(self._term_coefficients(group, keep)), tuple(map(id, ps))))
-        key = tuple(sig)
-        plan = getattr(self, "_plan", None)
-        if plan is None or plan.key != key:
-            plan = self._plan = _StagesPlan(key, stages)
-        return plan
+    def _plan_key(self, stages: list[tuple[dict[str, Any], list[Tensor], Any]]) -> tuple:
+        """What the plan of :meth:`_step_stages_together` depends on: the stages, their learning rates now, their
+        other options (momentum, SC, weight decay, ...), the parameters with gradients, whether the update may be
+        in place, and the state (a new one after ``load_state_dict`` may lack the buffers)."""
+        return (not self.keep_previous_weights, id(self.state),
+                [(id(g), lr, [v for k, v in g.items() if k != "params" and k != "updates"], list(map(id, ps)))
+                 for g, ps, lr in stages])
 
-    def _step_stages_together(self, stages: list[tuple[dict[str, Any], list[Tensor], Any]]) -> None:
+    def _step_stages_together(self, stages: list[tuple[dict[str, Any], list[Tensor], Any]],
+                              plan: Optional["_StagesPlan"] = None) -> None:
         """The same operations as :meth:`_step_stage` for every stage, as one multi-tensor call per operation
         and distinct coefficient (per-stage coefficients as scalar lists where torch has such an overload).
-        The bookkeeping (which tensor takes which coefficient) is cached in a :class:`_StagesPlan`."""
-        plan = self._stages_plan(stages)
+        The bookkeeping (which tensor takes which coefficient) is cached in a :class:`_StagesPlan`; ``plan`` is
+        the current one (:meth:`_can_step_stages_together` has checked it)."""
+        if plan is None:
+            if not self._can_step_stages_together(stages):
+                raise ValueError("these stages cannot be updated together; use the per-stage path")
+            plan = self._plan
         params = plan.params
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        state = self.state
+        for (momentum, lr), idx in plan.fused:  # v ← m v + g, w ← w − η c v in one pass (see _StagesPlan)
+            torch._fused_sgd_(
+                [params[j] for j in idx], [grads[j].contiguous() for j in idx],
+                [state[params[j]]["momentum_buffer"] for j in idx],
+                weight_decay=0.0, momentum=momentum, lr=lr, dampening=0.0, nesterov=False, maximize=False,
+                is_first_step=False,
+            )
         for wd, idx in plan.coupled_wd:
             for j, t in zip(idx, torch._foreach_add([grads[j] for j in idx], [params[j] for j in idx], alpha=wd)):
                 grads[j] = t
         bufs: list[Optional[Tensor]] = [None] * len(params)
         if plan.vidx:
-            state = self.state
             vbufs = [state[params[j]]["momentum_buffer"] for j in plan.vidx]
             torch._foreach_mul_(vbufs, plan.momentum)
             torch._foreach_add_(vbufs, [grads[j] for j in plan.vidx])
             for j, b in zip(plan.vidx, vbufs):
                 bufs[j] = b
+        for j in plan.fused_vidx:  # (for a further term that reads the velocity)
+            bufs[j] = state[params[j]]["momentum_buffer"]
         source = {"g": grads, "v": bufs}
         keep_previous = self.keep_previous_weights
         base = list(params)
@@ -370,10 +389,32 @@ class PipelineSGD(PipelineOptimizer):
                 p.data = w
 
 
-class _StagesPlan:
-    """Which multi-tensor call each tensor of :meth:`PipelineSGD._step_stages_together` takes part in."""
+#: dtypes whose fused SGD kernel on the CPU rounds as the separate operations (``tests/test_fast_paths.py``)
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
-    def __init__(self, key: tuple, stages: list[tuple[dict[str, Any], list[Tensor], Any]]) -> None:
+#: the fused kernel splits a tensor into 64-byte units and handles a tail shorter than its vector width with
+#: scalar code that the compiler may contract into fused multiply-adds; tensors whose size is a multiple of 64
+#: elements have no such tail on any vector width up to 64 elements
+_FUSED_MULTIPLE = 64
+
+
+def _fusable(p: Tensor) -> bool:
+    return (p.device.type == "cpu" and p.dtype in _FUSED_DTYPES and p.layout == torch.strided
+            and p.is_contiguous() and p.numel() % _FUSED_MULTIPLE == 0)
+
+
+class _StagesPlan:
+    """Which multi-tensor call each tensor of :meth:`PipelineSGD._step_stages_together` takes part in.
+
+    With ``fuse`` (an in-place update) a tensor whose update starts with the heavy-ball step ``v ← m v + g``,
+    ``w ← w − η c v`` (``m ≠ 0``, no weight decay) and that :func:`_fusable` admits takes that step as torch's
+    fused SGD kernel (one pass over ``w``, ``v`` and ``g`` instead of three, the same numbers bit for bit);
+    its further terms (SC's ``− η b g``) follow as for the other tensors.
+    """
+
+    def __init__(self, key: tuple, stages: list[tuple[dict[str, Any], list[Tensor], Any]],
+                 term_coefficients: Callable[[dict[str, Any], bool], list[tuple[str, float]]],
+                 keeps_velocity: Callable[[dict[str, Any]], bool], *, fuse: bool) -> None:
         self.key = key
         self.params: list[Tensor] = [p for _, ps, _ in stages for p in ps]
         coupled: list[float] = []
@@ -382,8 +423,12 @@ class _StagesPlan:
         self.decay: list[float] = []
         terms: list[tuple[tuple[str, float], ...]] = []  # per tensor: (source, alpha = -η c) per term
         j = 0
-        for (_, ps, lr), entry in zip(stages, key):
-            _, _, mom, cwd, dwd, coefs, _ = entry
+        for group, ps, lr in stages:
+            keep = keeps_velocity(group)
+            mom = group["momentum"] if keep else None
+            dwd = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+            cwd = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
+            coefs = term_coefficients(group, keep)
             for _ in ps:
                 coupled.append(cwd)
                 moms.append(mom)
@@ -392,11 +437,19 @@ class _StagesPlan:
                     self.decay.append(1.0 - lr * dwd)
                 terms.append(tuple((name, -lr * c) for name, c in coefs))
                 j += 1
-        self.coupled_wd = [(wd, idx) for wd, idx in _buckets(coupled).items() if wd != 0.0]
-        self.vidx = [j for j, m in enumerate(moms) if m is not None]
+        decayed = set(self.decay_idx)
+        fused = [fuse and moms[j] not in (None, 0.0) and coupled[j] == 0.0 and j not in decayed
+                 and terms[j][0][0] == "v" and _fusable(p) for j, p in enumerate(self.params)]
+        self.fused = list(_buckets({j: (moms[j], -terms[j][0][1]) for j in range(len(fused)) if fused[j]}).items())
+        self.fused_vidx = [j for j, f in enumerate(fused) if f]
+        rows = [j for j, f in enumerate(fused) if not f]  # the tensors of the separate operations
+        self.coupled_wd = [(wd, [rows[k] for k in idx])
+                           for wd, idx in _buckets([coupled[j] for j in rows]).items() if wd != 0.0]
+        self.vidx = [j for j in rows if moms[j] is not None]
         vm = [moms[j] for j in self.vidx]
         self.momentum: Any = vm[0] if vm and all(m == vm[0] for m in vm) else vm
-        self.first = [(name, alpha, idx) for (name, alpha), idx in _buckets([t[0] for t in terms]).items()]
+        self.first = [(name, alpha, [rows[k] for k in idx])
+                      for (name, alpha), idx in _buckets([terms[j][0] for j in rows]).items()]
         self.rest = []
         for pos in range(1, max((len(t) for t in terms), default=0)):
             rows = [j for j, t in enumerate(terms) if len(t) > pos]
@@ -404,10 +457,11 @@ class _StagesPlan:
                 self.rest.append((name, alpha, [rows[k] for k in idx]))
 
 
-def _buckets(keys: list[Any]) -> dict[Any, list[int]]:
-    """Indices of ``keys`` grouped by value (one multi-tensor call per distinct coefficient)."""
+def _buckets(keys: Any) -> dict[Any, list[int]]:
+    """Indices of ``keys`` (a list, or a dict index -> key) grouped by value (one multi-tensor call per distinct
+    coefficient)."""
     out: dict[Any, list[int]] = {}
-    for j, k in enumerate(keys):
+    for j, k in (keys.items() if isinstance(keys, dict) else enumerate(keys)):
         out.setdefault(k, []).append(j)
     return out
 
