@@ -76,6 +76,52 @@ class PlainLoop:
         return loss.item()
 
 
+class MitigationPassesLoop(PlainLoop):
+    """:class:`PlainLoop` plus the passes over the weights that ``pb+sc+lwp`` adds when it runs on live weights
+    and equals the simulator bit for bit (the tick engine): the prediction written into the weights the forward
+    reads, the live weights copied back over it for the backward, and SC's gradient term after a fused
+    heavy-ball step. No pipeline, no delay: the least such an engine can cost per step, as a yardstick."""
+
+    def __init__(self, model: nn.Module, lr: float, momentum: float, horizon: int = 8) -> None:
+        self.model, self.lr, self.horizon = model, lr, horizon
+        self.params = list(model.parameters())
+        self.forward_weights = [p.data for p in self.params]
+        self.live = [p.detach().clone() for p in self.params]
+        self.opt = torch.optim.SGD(self.live, lr=lr, momentum=momentum, fused=True)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        for f, w in zip(self.forward_weights, self.live):
+            v = self.opt.state[w].get("momentum_buffer")
+            torch.add(w, v, alpha=-self.lr * self.horizon, out=f) if v is not None else f.copy_(w)
+        loss = F.cross_entropy(self.model(x), y)
+        torch._foreach_copy_(self.forward_weights, self.live)
+        loss.backward()
+        for w, p in zip(self.live, self.params):
+            w.grad, p.grad = p.grad, None
+        self.opt.step()
+        torch._foreach_add_(self.live, [w.grad for w in self.live], alpha=-self.lr * 0.5)
+        return loss.item()
+
+
+def passes_floor(make: Callable[[], nn.Module], data: list, steps: int, rounds: int, lr: float = 1e-3,
+                 momentum: float = 0.9) -> dict:
+    """:class:`PlainLoop` vs :class:`MitigationPassesLoop` on the same model and data, interleaved."""
+    torch.manual_seed(1)
+    plain = PlainLoop(make(), lr, momentum)
+    torch.manual_seed(1)
+    passes = MitigationPassesLoop(make(), lr, momentum)
+    feed_a, feed_b = chunks(data, steps), chunks(data, steps)
+    for x, y in data[:20]:
+        plain.step(x, y)
+        passes.step(x, y)
+
+    def run(loop: PlainLoop, feed) -> Callable[[], None]:
+        return lambda: [loop.step(x, y) for x, y in next(feed)] and None
+
+    p, s, ratio = summary(*interleaved(run(plain, feed_a), run(passes, feed_b), rounds))
+    return dict(plain_ms=1e3 * p / steps, sim_ms=1e3 * s / steps, ratio=ratio)
+
+
 def chunks(data: list, size: int):
     """Endless cycle over ``data`` in chunks of ``size`` items."""
     i = 0

@@ -7,6 +7,9 @@ ratio is the median over rounds of the per-round ratio):
 
 * ``mlp pb`` / ``mlp pb+sc+lwp``: 8 linear layers of width 256 (3x16x16 inputs), ``PipelineSimulator.step``
   time / plain PyTorch SGD step time (``model(x)``, ``backward``, ``torch.optim.SGD.step``, ``loss.item()``);
+* ``plain+sc/lwp passes``: plain PyTorch plus only the passes over the weights that ``pb+sc+lwp`` adds on live
+  weights (prediction, copy back, SC's gradient term; fused SGD): a yardstick for the ``pb+sc+lwp tick`` row,
+  what such an engine costs with no pipeline at all;
 * ``... tick``: the same with the tick engine (``TickPipeline.feed`` in steady state, ``pipeprop.train(...,
   engine="tick")``) in place of ``PipelineSimulator.step``;
 * ``resnet20-gn pb``: the same for ResNet-20 with GroupNorm on 3x32x32 inputs (20 stages);
@@ -36,7 +39,7 @@ import pipeprop
 from pipeprop import models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_simulator import chunks, compare, interleaved, mlp, summary  # noqa: E402
+from bench_simulator import chunks, compare, interleaved, mlp, passes_floor, summary  # noqa: E402
 
 # the benchmark times linear LWP at momentum 0.9 on purpose (the setting); the regime warning is known
 warnings.simplefilter("ignore", pipeprop.LWPRegimeWarning)
@@ -119,6 +122,8 @@ def main() -> None:
         for engine, tag in (("simulator", ""), ("tick", " tick")):
             r = compare(mlp, small, method, steps=50, rounds=args.rounds, engine=engine)
             row(f"mlp 8x256 {method}{tag} / plain", f"{r['plain_ms']:.3f} ms", f"{r['sim_ms']:.3f} ms", r["ratio"])
+    r = passes_floor(mlp, small, steps=50, rounds=args.rounds)
+    row("mlp 8x256 plain+sc/lwp passes / plain", f"{r['plain_ms']:.3f} ms", f"{r['sim_ms']:.3f} ms", r["ratio"])
     images = [(torch.randn(1, 3, 32, 32), torch.randint(0, 10, (1,))) for _ in range(100)]
     for engine, tag in (("simulator", ""), ("tick", " tick")):
         r = compare(resnet20, images, "pb", steps=10, rounds=args.rounds, engine=engine)

@@ -14,6 +14,7 @@ from torch import nn
 
 import pipeprop
 from pipeprop.models.blocks import Fork, Join, OnBranch
+from pipeprop.optim import PipelineSGD
 from pipeprop.simulator import DivergenceError
 
 
@@ -157,6 +158,33 @@ def test_tick_engine_refuses_what_it_cannot_run_and_names_why() -> None:
                                      method="pb", lr=0.1)
     with pytest.raises(ValueError, match="unknown engine"):
         pipeprop.train(mlp(), data, F.cross_entropy, method="pb", lr=0.1, engine="fast")
+    with pytest.raises(ValueError, match="one number per micro-batch"):  # (a per-sample loss is not summed silently)
+        pipeprop.train(mlp(), data, lambda out, y: F.cross_entropy(out, y, reduction="none"), method="pb", lr=0.1,
+                       engine="tick")
+    stages = pipeprop.build_tick_pipeline(mlp(), F.cross_entropy, method="pb", lr=0.1).stages
+    def shared() -> list[dict]:  # one group per stage over the .data aliases of its parameters
+        return [{"params": [p.data for p in st.parameters()], "delay": 2 * (len(stages) - 1 - s)}
+                for s, st in enumerate(stages)]
+
+    with pytest.raises(ValueError, match="weight_prediction=True, but the optimizer has weight_prediction=False"):
+        pipeprop.TickPipeline(stages, PipelineSGD(shared(), lr=0.1, momentum=0.9), F.cross_entropy, method="pb+lwp")
+    with pytest.raises(ValueError, match="a copy of them"):  # a predicting stage's optimizer on the live storage
+        pipeprop.TickPipeline(stages, PipelineSGD(shared(), lr=0.1, momentum=0.9, weight_prediction=True),
+                              F.cross_entropy, method="pb+lwp")
+
+
+def test_between_feeds_a_predicting_stage_is_one_update_behind_and_drain_makes_it_live() -> None:
+    """Under LWP the forward weights are the stages' parameters and the live weights the optimizer's copy; after
+    drain() the parameters hold the live weights (and equal the simulator's, see the bit-for-bit test)."""
+    torch.manual_seed(0)
+    tick = pipeprop.build_tick_pipeline(mlp(), F.cross_entropy, method="pb+lwp", lr=0.1, momentum=0.9)
+    for x, y in batches(mlp, 6, torch.float32):
+        tick.feed(x, y)
+    live = [a for g in tick.optimizer.param_groups for a in g["params"]]
+    params = [p for st in tick.stages for p in st.parameters()]
+    assert not all(torch.equal(p, a) for p, a in zip(params, live))
+    tick.drain()
+    assert all(torch.equal(p, a) for p, a in zip(params, live))
 
 
 def test_performance_doc_tick_example_runs_and_equals_the_simulator() -> None:

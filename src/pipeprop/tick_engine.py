@@ -114,6 +114,11 @@ class TickPipeline:
         if type(optimizer).backward_weights is not PipelineOptimizer.backward_weights:
             raise ValueError(f"{type(optimizer).__name__} chooses its own backward weights; the tick engine runs "
                              "backwards on the live weights (use the simulator)")
+        for key, want in get_method(method).options.items():  # (the optimizer must compute the method named)
+            have = [g[key] for g in optimizer.param_groups if key in g and g[key] != want]
+            if have:
+                raise ValueError(f"method {method!r} sets {key}={want!r}, but the optimizer has {key}={have[0]!r}: "
+                                 "build the pipeline with pipeprop.build_tick_pipeline")
         if read_every < 1:
             raise ValueError(f"read_every must be >= 1, got {read_every}")
         self.params = [list(st.parameters()) for st in self.stages]
