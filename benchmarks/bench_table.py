@@ -7,12 +7,14 @@ ratio is the median over rounds of the per-round ratio):
 
 * ``mlp pb`` / ``mlp pb+sc+lwp``: 8 linear layers of width 256 (3x16x16 inputs), ``PipelineSimulator.step``
   time / plain PyTorch SGD step time (``model(x)``, ``backward``, ``torch.optim.SGD.step``, ``loss.item()``);
-* ``plain+sc/lwp passes``: plain PyTorch plus only the passes over the weights that ``pb+sc+lwp`` adds on live
+* ``sc/lwp passes``: plain PyTorch plus only the passes over the weights that ``pb+sc+lwp`` adds on live
   weights (prediction, copy back, SC's gradient term; fused SGD): a yardstick for the ``pb+sc+lwp tick`` row,
   what such an engine costs with no pipeline at all;
 * ``... tick``: the same with the tick engine (``TickPipeline.feed`` in steady state, ``pipeprop.train(...,
   engine="tick")``) in place of ``PipelineSimulator.step``;
 * ``resnet20-gn pb``: the same for ResNet-20 with GroupNorm on 3x32x32 inputs (20 stages);
+* ``20 stages x4 pb tick``: 20 linear layers of width 4 (no compute to speak of): the tick engine's fixed
+  cost per tick against plain PyTorch's per step;
 * ``resnet20-gn x K`` (K = 2, 4, 8 by default, ``--k``): K runs of ResNet-20-GN (own seeds, data and
   learning rates) with ``pipeprop.train_many`` vs the same K runs one after the other with
   ``PipelineSimulator``: the speed-up in run-samples/s;
@@ -47,6 +49,11 @@ warnings.simplefilter("ignore", pipeprop.LWPRegimeWarning)
 
 def resnet20() -> torch.nn.Module:
     return models.get("resnet20", norm="gn")
+
+
+def tiny_stages() -> torch.nn.Module:
+    """20 linear layers of width 4: no compute to speak of, so the time is fixed cost per step or tick."""
+    return torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(20)])
 
 
 def many_runs(k: int, steps: int, rounds: int, method: str) -> dict:
@@ -123,11 +130,14 @@ def main() -> None:
             r = compare(mlp, small, method, steps=50, rounds=args.rounds, engine=engine)
             row(f"mlp 8x256 {method}{tag} / plain", f"{r['plain_ms']:.3f} ms", f"{r['sim_ms']:.3f} ms", r["ratio"])
     r = passes_floor(mlp, small, steps=50, rounds=args.rounds)
-    row("mlp 8x256 plain+sc/lwp passes / plain", f"{r['plain_ms']:.3f} ms", f"{r['sim_ms']:.3f} ms", r["ratio"])
+    row("mlp 8x256 sc/lwp passes / plain", f"{r['plain_ms']:.3f} ms", f"{r['sim_ms']:.3f} ms", r["ratio"])
     images = [(torch.randn(1, 3, 32, 32), torch.randint(0, 10, (1,))) for _ in range(100)]
     for engine, tag in (("simulator", ""), ("tick", " tick")):
         r = compare(resnet20, images, "pb", steps=10, rounds=args.rounds, engine=engine)
         row(f"resnet20-gn pb{tag} / plain", f"{r['plain_ms']:.2f} ms", f"{r['sim_ms']:.2f} ms", r["ratio"])
+    tiny = [(torch.randn(1, 4), torch.randint(0, 4, (1,))) for _ in range(500)]
+    r = compare(tiny_stages, tiny, "pb", steps=50, rounds=args.rounds, engine="tick")
+    row("20 stages x4 pb tick / plain", f"{r['plain_ms']:.3f} ms", f"{r['sim_ms']:.3f} ms", r["ratio"])
     for k in args.k:
         r = many_runs(k, steps=4, rounds=max(3, args.rounds // 2), method=args.many_method)
         row(f"resnet20-gn x{k} {args.many_method} train_many", f"{r['separate']:.1f} r-s/s", f"{r['many']:.1f} r-s/s",

@@ -16,8 +16,9 @@ the forward of micro-batch ``t - s`` and the backward of micro-batch ``t - 2(S-1
   after them, so a later backward again reads the live weights (two passes over those weights per tick).
 
 The result equals the simulator bit for bit (``tests/test_tick_engine.py``, float64 and float32). It is
-faster where the weights dominate the memory traffic (an 8-layer MLP of width 256: 1.1-1.2x plain
-PyTorch against the simulator's 1.7-1.8x; docs/performance.md) and no faster for ResNet-20.
+faster where the weights dominate the memory traffic (an 8-layer MLP of width 256: 0.86-0.94x the time
+of plain PyTorch against the simulator's 1.5-1.7x; docs/performance.md) and a little faster for ResNet-20
+(1.09-1.12x against 1.13-1.15x).
 
 Scope, each refused with a message: stages made of ``Conv2d``, ``Linear``, ``GroupNorm`` and
 parameter-free per-sample layers (a layer that saves a tensor derived from its weights, e.g. a weight
