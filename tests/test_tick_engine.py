@@ -57,6 +57,7 @@ def both_engines(make: Callable[[], nn.Module], method: str, dtype: torch.dtype,
     ("pb+sc+lwp", {"momentum": 0.9, "weight_decay": 1e-3}),
     ("pb+nesterov", {"momentum": 0.9, "decoupled_weight_decay": True, "weight_decay": 1e-3}),
     ("pb", {"optimizer": "adamw", "weight_decay": 1e-2}),
+    ("pb+sc+lwp", {"optimizer": "adamw", "weight_decay": 1e-2}),
 ])
 def test_tick_engine_equals_the_simulator_bit_for_bit(make, method: str, kw: dict) -> None:
     model, got, ref, want = both_engines(make, method, torch.float64, lr=0.05, **kw)

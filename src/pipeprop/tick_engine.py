@@ -10,7 +10,7 @@ the forward of micro-batch ``t - s`` and the backward of micro-batch ``t - 2(S-1
   counter), so autograd's version check does not fire and a backward reads the live weights through the
   parameters or the views of them that autograd saved: PB's semantics, with no ring and no hooks;
 * the backwards of a tick are independent (each stage's error arrived in the previous tick) and run as one
-  ``torch.autograd.backward`` call;
+  backward call;
 * under LWP a predicting stage's optimizer updates its own copy of the live weights: the prediction is
   written from it into the parameters for the tick's forwards and the live weights are copied over it
   after them, so a later backward again reads the live weights (two passes over those weights per tick).
