@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -110,6 +111,31 @@ def test_fused_in_place_update_equals_reference(dtype, options, monkeypatch):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert bool(calls) == ("weight_decay" not in options)  # (coupled weight decay keeps the separate operations)
+
+
+def test_fused_step_is_not_used_where_it_would_round_differently(monkeypatch):
+    """Where the machine's fused kernel does not round as the separate operations (checked once per dtype), every
+    tensor keeps the separate operations: a deliberately wrong kernel is never called and changes nothing."""
+    from pipeprop.optim import pipeline_sgd
+
+    wrong = torch._fused_sgd_
+    monkeypatch.setattr(torch, "_fused_sgd_", lambda ps, *a, **k: (wrong(ps, *a, **k), [p.add_(1e-3) for p in ps]))
+    monkeypatch.setattr(pipeline_sgd, "_fused_rounds_as_separate_ops", functools.lru_cache(maxsize=None)(
+        pipeline_sgd._fused_rounds_as_separate_ops.__wrapped__))
+    ws = [torch.randn(8, 16, dtype=DT), torch.randn(64, dtype=DT)]
+    results = []
+    for flag in (True, False):
+        ps = [nn.Parameter(w.clone()) for w in ws]
+        opt = PipelineSGD([{"params": ps[:1], "delay": 4}, {"params": ps[1:], "delay": 0}], lr=0.1, momentum=0.9,
+                          spike_compensation=True, foreach_stages=flag)
+        for _ in range(4):
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        results.append([p.detach().clone() for p in ps])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert pipeline_sgd._fused_rounds_as_separate_ops(DT) is False
 
 
 def test_lazy_loss_needs_no_host_sync():

@@ -24,6 +24,7 @@ With ``D = 0`` SC and LWP reduce to plain SGD with momentum (``a = 1, b = 0``; `
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -400,7 +401,25 @@ _FUSED_MULTIPLE = 64
 
 def _fusable(p: Tensor) -> bool:
     return (p.device.type == "cpu" and p.dtype in _FUSED_DTYPES and p.layout == torch.strided
-            and p.is_contiguous() and p.numel() % _FUSED_MULTIPLE == 0)
+            and p.is_contiguous() and p.numel() % _FUSED_MULTIPLE == 0 and _fused_rounds_as_separate_ops(p.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_rounds_as_separate_ops(dtype: torch.dtype) -> bool:
+    """Whether this machine's fused SGD kernel gives the separate operations' numbers bit for bit (checked once
+    per dtype and process on random data; where it does not, e.g. a build whose vector loop contracts into fused
+    multiply-adds, every tensor keeps the separate operations)."""
+    gen = torch.Generator().manual_seed(0)
+    w, g, v = (torch.randn(4 * _FUSED_MULTIPLE, generator=gen, dtype=dtype) for _ in range(3))
+    for momentum, lr in ((0.9, 0.0371), (0.99918, 3.3e-5), (0.5, 1.7)):
+        w1, v1, w2, v2 = w.clone(), v.clone(), w.clone(), v.clone()
+        v1.mul_(momentum).add_(g)
+        w1.add_(v1, alpha=-lr)
+        torch._fused_sgd_([w2], [g], [v2], weight_decay=0.0, momentum=momentum, lr=lr, dampening=0.0, nesterov=False,
+                          maximize=False, is_first_step=False)
+        if not (torch.equal(w1, w2) and torch.equal(v1, v2)):
+            return False
+    return True
 
 
 class _StagesPlan:
