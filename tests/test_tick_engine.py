@@ -174,18 +174,28 @@ def test_tick_engine_refuses_what_it_cannot_run_and_names_why() -> None:
                               F.cross_entropy, method="pb+lwp")
 
 
-def test_between_feeds_a_predicting_stage_is_one_update_behind_and_drain_makes_it_live() -> None:
-    """Under LWP the forward weights are the stages' parameters and the live weights the optimizer's copy; after
-    drain() the parameters hold the live weights (and equal the simulator's, see the bit-for-bit test)."""
+def test_between_feeds_a_predicting_stage_is_one_update_behind_and_sync_weights_makes_it_live() -> None:
+    """Under LWP the forward weights are the stages' parameters and the live weights the optimizer's copy;
+    sync_weights() (and drain()) puts the live weights into the parameters without changing the training: the
+    losses and final weights equal the simulator's."""
     torch.manual_seed(0)
-    tick = pipeprop.build_tick_pipeline(mlp(), F.cross_entropy, method="pb+lwp", lr=0.1, momentum=0.9)
-    for x, y in batches(mlp, 6, torch.float32):
+    data = batches(mlp, 12, torch.float32)
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    tick = pipeprop.build_tick_pipeline(model, F.cross_entropy, method="pb+lwp", lr=0.1, momentum=0.9)
+    for x, y in data[:6]:
         tick.feed(x, y)
     live = [a for g in tick.optimizer.param_groups for a in g["params"]]
     params = [p for st in tick.stages for p in st.parameters()]
     assert not all(torch.equal(p, a) for p, a in zip(params, live))
-    tick.drain()
+    tick.sync_weights()  # mid-stream: the parameters now hold the live weights, and training goes on unchanged
     assert all(torch.equal(p, a) for p, a in zip(params, live))
+    for x, y in data[6:]:
+        tick.feed(x, y)
+    got = tick.drain()
+    assert all(torch.equal(p, a) for p, a in zip(params, live))
+    assert got == pipeprop.train(ref, data, F.cross_entropy, method="pb+lwp", lr=0.1, momentum=0.9)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
 
 
 def test_performance_doc_tick_example_runs_and_equals_the_simulator() -> None:

@@ -166,16 +166,22 @@ class TickPipeline:
 
     def drain(self) -> list[float]:
         """Run the ticks that finish every micro-batch fed so far; returns :attr:`losses`. The stages'
-        parameters then hold the live weights (between :meth:`feed` calls a predicting stage's parameters are
-        one update behind: its live weights are the optimizer's)."""
+        parameters then hold the live weights (see :meth:`sync_weights`)."""
         while self.ticks < self.fed + 2 * (len(self.stages) - 1):
             self._tick()
         self._read_losses()
         for p in self._flat_params:
             p.grad = None
+        self.sync_weights()
+        return self.losses
+
+    def sync_weights(self) -> None:
+        """Write the live weights into the stages' parameters. Between :meth:`feed` calls a stage that predicts
+        its forward weights (LWP) has its live weights in the optimizer and its parameters one update behind;
+        call this to read or evaluate the stages mid-stream (the next tick overwrites them as it would anyway,
+        so training is unchanged). :meth:`drain` calls it."""
         if self._predicting:
             torch._foreach_copy_(self._forward_weights, self._live_weights)
-        return self.losses
 
     def run(self, batches: Iterable[tuple[Any, Any]]) -> list[float]:
         """:meth:`feed` every micro-batch of ``batches``, then :meth:`drain`; returns the losses."""
