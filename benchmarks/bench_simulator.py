@@ -116,7 +116,11 @@ def passes_floor(make: Callable[[], nn.Module], data: list, steps: int, rounds: 
         passes.step(x, y)
 
     def run(loop: PlainLoop, feed) -> Callable[[], None]:
-        return lambda: [loop.step(x, y) for x, y in next(feed)] and None
+        def steps() -> None:
+            for x, y in next(feed):
+                loop.step(x, y)
+
+        return steps
 
     p, s, ratio = summary(*interleaved(run(plain, feed_a), run(passes, feed_b), rounds))
     return dict(plain_ms=1e3 * p / steps, sim_ms=1e3 * s / steps, ratio=ratio)

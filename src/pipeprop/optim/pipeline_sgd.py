@@ -322,15 +322,11 @@ class PipelineSGD(PipelineOptimizer):
                  for g, ps, lr in stages])
 
     def _step_stages_together(self, stages: list[tuple[dict[str, Any], list[Tensor], Any]],
-                              plan: Optional["_StagesPlan"] = None) -> None:
+                              plan: "_StagesPlan") -> None:
         """The same operations as :meth:`_step_stage` for every stage, as one multi-tensor call per operation
         and distinct coefficient (per-stage coefficients as scalar lists where torch has such an overload).
         The bookkeeping (which tensor takes which coefficient) is cached in a :class:`_StagesPlan`; ``plan`` is
-        the current one (:meth:`_can_step_stages_together` has checked it)."""
-        if plan is None:
-            if not self._can_step_stages_together(stages):
-                raise ValueError("these stages cannot be updated together; use the per-stage path")
-            plan = self._plan
+        the current one, made by :meth:`_can_step_stages_together`."""
         params = plan.params
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         state = self.state
@@ -351,7 +347,7 @@ class PipelineSGD(PipelineOptimizer):
             torch._foreach_add_(vbufs, [grads[j] for j in plan.vidx])
             for j, b in zip(plan.vidx, vbufs):
                 bufs[j] = b
-        for j in plan.fused_vidx:  # (for a further term that reads the velocity)
+        for j in plan.fused_vidx:  # fused tensors with a further term that reads the velocity
             bufs[j] = state[params[j]]["momentum_buffer"]
         source = {"g": grads, "v": bufs}
         keep_previous = self.keep_previous_weights
@@ -460,7 +456,7 @@ class _StagesPlan:
         fused = [fuse and moms[j] not in (None, 0.0) and coupled[j] == 0.0 and j not in decayed
                  and terms[j][0][0] == "v" and _fusable(p) for j, p in enumerate(self.params)]
         self.fused = list(_buckets({j: (moms[j], -terms[j][0][1]) for j in range(len(fused)) if fused[j]}).items())
-        self.fused_vidx = [j for j, f in enumerate(fused) if f]
+        self.fused_vidx = [j for j, f in enumerate(fused) if f and any(name == "v" for name, _ in terms[j][1:])]
         rows = [j for j, f in enumerate(fused) if not f]  # the tensors of the separate operations
         self.coupled_wd = [(wd, [rows[k] for k in idx])
                            for wd, idx in _buckets([coupled[j] for j in rows]).items() if wd != 0.0]
